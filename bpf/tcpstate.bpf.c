@@ -1,0 +1,480 @@
+// SPDX-License-Identifier: Apache-2.0
+/*
+ * tcpstate.bpf.c — the only kernel code of tcpstate.
+ *
+ * One handler on the tracepoint sock:inet_sock_set_state (Linux >= 4.16),
+ * which fires on every TCP state change of every socket in every network
+ * namespace. Everything is aggregated here, in per-CPU arrays, so that user
+ * space reads totals at scrape time and does no work per event.
+ *
+ * Every field comes from the tracepoint's arguments; nothing is read by
+ * offset from kernel structs, so nearby kernel headers are good enough.
+ *
+ * Compile-time constants arrive through cflags from tracer/ (their one home):
+ *   NSTATES, NBUCKETS, BUCKET_MIN_LOG2   state and histogram geometry
+ *   NPORT_SLOTS      1 + number of service ports (slot 0 is "other")
+ *   TABLE_BUCKETS    socket table rows (TABLE_WAYS sockets each)
+ *   TRACE_EVENTS     defined by `tcpstate trace`: emit filtered events
+ *   RINGBUF_PAGES    with TRACE_EVENTS: ring buffer size in pages
+ */
+#include <uapi/linux/in.h>
+#include <linux/socket.h>
+#include <net/tcp_states.h>
+
+#define NFAMILIES 2
+#define NSIDES 3           /* 0 unknown/listener, 1 client, 2 server */
+#define TABLE_WAYS 16      /* sockets per table row: evictions stay rare */
+#define TASK_COMM_LEN 16
+
+/* Indexes into the `counters` map; tracer/probe.py names them. */
+enum counter {
+    C_EVICTIONS = 0,        /* sockets whose entry was lost to a full row */
+    C_DURATION_UNKNOWN,     /* transitions of a socket with no entry time */
+    C_TABLE_INSERTS,
+    C_TABLE_REMOVES,
+    C_OTHER_PROTOCOL,       /* SCTP, MPTCP: seen and skipped */
+    C_RINGBUF_DROPS,        /* trace: events the ring buffer had no room for */
+    C_TRACE_MATCHED,        /* trace: events that passed the filters */
+    NCOUNTERS,
+};
+
+#define SIDE_CLIENT 1
+#define SIDE_SERVER 2
+
+struct sock_entry {
+    u64 born_ns;            /* 0: born before we saw it */
+    u64 entered_ns;         /* when it entered `state` */
+    u32 owner_pid;          /* 0: owner not known */
+    u8 state;
+    u8 side;
+    u8 family;
+    u8 port_slot;
+    char owner_comm[TASK_COMM_LEN];
+};
+
+/* A row of the socket table: keys apart from values, so that the probe of
+ * all ways reads two cache lines. A key is the socket's kernel address. */
+struct table_row {
+    u64 sk[TABLE_WAYS];
+    struct sock_entry entry[TABLE_WAYS];
+};
+
+#define TRANSITION_INDEX(port, fam, old, new) \
+    ((((port) * NFAMILIES + (fam)) * NSTATES + (old)) * NSTATES + (new))
+#define NTRANSITIONS (NPORT_SLOTS * NFAMILIES * NSTATES * NSTATES)
+#define LIVE_INDEX(port, fam, state) \
+    (((port) * NFAMILIES + (fam)) * NSTATES + (state))
+#define NLIVE (NPORT_SLOTS * NFAMILIES * NSTATES)
+#define CONN_INDEX(port, fam, side) (((port) * NFAMILIES + (fam)) * NSIDES + (side))
+#define NCONN (NPORT_SLOTS * NFAMILIES * NSIDES)
+
+BPF_PERCPU_ARRAY(transitions, u64, NTRANSITIONS);
+BPF_PERCPU_ARRAY(state_duration_buckets, u64, NTRANSITIONS * NBUCKETS);
+BPF_PERCPU_ARRAY(state_duration_sum_ns, u64, NTRANSITIONS);
+BPF_PERCPU_ARRAY(connection_duration_buckets, u64, NCONN * NBUCKETS);
+BPF_PERCPU_ARRAY(connection_duration_sum_ns, u64, NCONN);
+/* Live sockets in the table, per state: +1 on entry, -1 on exit. */
+BPF_PERCPU_ARRAY(live_tracked, s64, NLIVE);
+/* Live sockets not in the table (born before start, or evicted): seeded by
+ * user space from every namespace at start, drained by the transitions of
+ * sockets the table does not know, never below zero. Shared, so atomics. */
+BPF_ARRAY(live_untracked, s64, NLIVE);
+BPF_PERCPU_ARRAY(counters, u64, NCOUNTERS);
+BPF_ARRAY(socket_table, struct table_row, TABLE_BUCKETS);
+#if NPORT_SLOTS > 1
+/* port number -> slot (0 = other), written once by user space. */
+BPF_ARRAY(service_port_slot, u8, 65536);
+#endif
+
+#ifdef TRACE_EVENTS
+struct trace_filter {
+    u64 min_duration_ns;
+    u32 state_mask;         /* bit s: old or new state s; 0 = any */
+    u32 family_mask;        /* bit 0 ipv4, bit 1 ipv6; 0 = any */
+    u8 any_port;            /* filter flags: set when the option was given */
+    u8 local_port;
+    u8 remote_port;
+    u8 pid;
+    u8 transition;
+};
+/* Port filter bits in `trace_ports`. */
+#define PORT_ANY_END 1
+#define PORT_LOCAL 2
+#define PORT_REMOTE 4
+
+struct trace_event {
+    u64 timestamp_ns;       /* CLOCK_MONOTONIC */
+    u64 sk;                 /* hashed in user space before it is shown */
+    u64 duration_ns;        /* time in old state; ~0 when not known */
+    u64 lifetime_ns;        /* since birth; ~0 when not known */
+    u32 owner_pid;
+    u16 sport;
+    u16 dport;
+    u8 family;
+    u8 oldstate;
+    u8 newstate;
+    u8 side;
+    u8 saddr[16];
+    u8 daddr[16];
+    char owner_comm[TASK_COMM_LEN];
+};
+
+BPF_ARRAY(trace_config, struct trace_filter, 1);
+BPF_ARRAY(trace_ports, u8, 65536);
+BPF_HASH(trace_pids, u32, u8, 1024);
+BPF_ARRAY(trace_transitions, u32, NSTATES);   /* bit new of row old */
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+#endif
+
+static __always_inline void count(int which)
+{
+    u32 key = which;
+    u64 *value = counters.lookup(&key);
+    if (value)
+        *value += 1;
+}
+
+static __always_inline void live_add(u32 index, s64 delta)
+{
+    s64 *value = live_tracked.lookup(&index);
+    if (value)
+        *value += delta;
+}
+
+static __always_inline void untracked_add(u32 index)
+{
+    s64 *value = live_untracked.lookup(&index);
+    if (value)
+        __sync_fetch_and_add(value, 1);
+}
+
+/* Take one socket out of the untracked pool, never below zero: a socket
+ * whose state was never counted must not decrement another's. */
+static __always_inline void untracked_drain(u32 index)
+{
+    s64 *value = live_untracked.lookup(&index);
+    if (!value)
+        return;
+    for (int attempt = 0; attempt < 4; attempt++) {
+        s64 seen = *value;
+        if (seen <= 0)
+            return;
+        if (__sync_val_compare_and_swap(value, seen, seen - 1) == seen)
+            return;
+    }
+}
+
+/* log2 slot of a duration: the smallest b with ns <= 2^b, offset so that
+ * slot 0 holds everything up to 2^BUCKET_MIN_LOG2 ns and the last slot is
+ * the +Inf bucket. tracer/metrics.py converts slots to seconds. */
+static __always_inline u32 duration_slot(u64 ns)
+{
+    u32 bits = ns > 1 ? bpf_log2l(ns - 1) : 0;
+    if (bits <= BUCKET_MIN_LOG2)
+        return 0;
+    bits -= BUCKET_MIN_LOG2;
+    return bits < NBUCKETS - 1 ? bits : NBUCKETS - 1;
+}
+
+/* One function per histogram: bcc binds a map only where it is named. */
+static __always_inline void observe_state(u32 index, u64 ns)
+{
+    u32 key = index * NBUCKETS + duration_slot(ns);
+    u64 *value = state_duration_buckets.lookup(&key);
+    if (value)
+        *value += 1;
+    value = state_duration_sum_ns.lookup(&index);
+    if (value)
+        *value += ns;
+}
+
+static __always_inline void observe_connection(u32 index, u64 ns)
+{
+    u32 key = index * NBUCKETS + duration_slot(ns);
+    u64 *value = connection_duration_buckets.lookup(&key);
+    if (value)
+        *value += 1;
+    value = connection_duration_sum_ns.lookup(&index);
+    if (value)
+        *value += ns;
+}
+
+/* Transitions that run in the owning process's context (a system call on
+ * the socket), so the current task is the owner. All others may run in
+ * softirq, where the current task is whoever was interrupted. */
+static __always_inline bool owner_context(u32 old, u32 new)
+{
+    return (old == TCP_CLOSE && (new == TCP_SYN_SENT || new == TCP_LISTEN)) ||
+           (old == TCP_ESTABLISHED && new == TCP_FIN_WAIT1) ||
+           (old == TCP_CLOSE_WAIT && new == TCP_LAST_ACK) ||
+           (old == TCP_LISTEN && new == TCP_CLOSE);
+}
+
+static __always_inline u32 row_of(u64 sk)
+{
+    /* Fibonacci hashing: slab addresses share their low bits. */
+    return (u32)((sk * 0x9E3779B97F4A7C15ULL) >> 40) % TABLE_BUCKETS;
+}
+
+/* Claim a way for `sk`: a free one, else the least recently changed one,
+ * whose count moves to the untracked pool. Returns TABLE_WAYS when a racing
+ * CPU took the way: the caller then counts `sk` as untracked. */
+static __always_inline u32 claim_way(struct table_row *row, u64 sk)
+{
+    u64 oldest = ~0ULL;
+    u32 victim = 0;
+#pragma unroll
+    for (u32 i = 0; i < TABLE_WAYS; i++) {
+        if (row->sk[i] == 0 &&
+            __sync_val_compare_and_swap(&row->sk[i], 0, sk) == 0) {
+            count(C_TABLE_INSERTS);
+            return i;
+        }
+        if (row->entry[i].entered_ns < oldest) {
+            oldest = row->entry[i].entered_ns;
+            victim = i;
+        }
+    }
+    count(C_EVICTIONS);
+    if (victim >= TABLE_WAYS)
+        return TABLE_WAYS;
+    u64 victim_sk = row->sk[victim];
+    struct sock_entry *gone = &row->entry[victim];
+    u32 gone_index = LIVE_INDEX(gone->port_slot % NPORT_SLOTS,
+                                gone->family & 1, gone->state % NSTATES);
+    if (victim_sk == 0 ||
+        __sync_val_compare_and_swap(&row->sk[victim], victim_sk, sk) != victim_sk)
+        return TABLE_WAYS;
+    live_add(gone_index, -1);
+    untracked_add(gone_index);
+    return victim;
+}
+
+static __always_inline u32 port_slot_of(u16 local, u16 remote)
+{
+#if NPORT_SLOTS > 1
+    /* The local port of listeners and accepted sockets, else the remote
+     * port of outgoing connections. */
+    u32 key = local;
+    u8 *slot = service_port_slot.lookup(&key);
+    if (slot && *slot)
+        return *slot % NPORT_SLOTS;
+    key = remote;
+    slot = service_port_slot.lookup(&key);
+    if (slot && *slot)
+        return *slot % NPORT_SLOTS;
+#endif
+    return 0;
+}
+
+#ifdef TRACE_EVENTS
+static __always_inline bool trace_wanted(struct tracepoint__sock__inet_sock_set_state *args,
+                                         u32 fam, u32 old, u32 new, u64 duration_ns,
+                                         u32 owner_pid)
+{
+    u32 zero = 0;
+    struct trace_filter *filter = trace_config.lookup(&zero);
+    if (!filter)
+        return false;
+    if (filter->family_mask && !(filter->family_mask & (1u << fam)))
+        return false;
+    if (filter->state_mask &&
+        !(filter->state_mask & ((1u << old) | (1u << new))))
+        return false;
+    if (filter->transition) {
+        u32 *row = trace_transitions.lookup(&old);
+        if (!row || !(*row & (1u << new)))
+            return false;
+    }
+    if (filter->min_duration_ns &&
+        (duration_ns == ~0ULL || duration_ns < filter->min_duration_ns))
+        return false;
+    u32 key;
+    u8 *flags;
+    if (filter->any_port) {
+        key = args->sport;
+        flags = trace_ports.lookup(&key);
+        bool hit = flags && (*flags & PORT_ANY_END);
+        key = args->dport;
+        flags = trace_ports.lookup(&key);
+        hit = hit || (flags && (*flags & PORT_ANY_END));
+        if (!hit)
+            return false;
+    }
+    if (filter->local_port) {
+        key = args->sport;
+        flags = trace_ports.lookup(&key);
+        if (!flags || !(*flags & PORT_LOCAL))
+            return false;
+    }
+    if (filter->remote_port) {
+        key = args->dport;
+        flags = trace_ports.lookup(&key);
+        if (!flags || !(*flags & PORT_REMOTE))
+            return false;
+    }
+    if (filter->pid && (owner_pid == 0 || !trace_pids.lookup(&owner_pid)))
+        return false;
+    return true;
+}
+
+static __always_inline void trace_emit(struct tracepoint__sock__inet_sock_set_state *args,
+                                       u64 now, u32 fam, u32 old, u32 new,
+                                       u64 duration_ns, struct sock_entry *entry)
+{
+    u32 owner_pid = entry ? entry->owner_pid : 0;
+    if (!trace_wanted(args, fam, old, new, duration_ns, owner_pid))
+        return;
+    count(C_TRACE_MATCHED);
+    struct trace_event *event = events.ringbuf_reserve(sizeof(struct trace_event));
+    if (!event) {
+        count(C_RINGBUF_DROPS);
+        return;
+    }
+    event->timestamp_ns = now;
+    event->sk = (u64)args->skaddr;
+    event->duration_ns = duration_ns;
+    event->lifetime_ns = (entry && entry->born_ns) ? now - entry->born_ns : ~0ULL;
+    event->owner_pid = owner_pid;
+    event->sport = args->sport;
+    event->dport = args->dport;
+    event->family = fam;
+    event->oldstate = old;
+    event->newstate = new;
+    event->side = entry ? entry->side : 0;
+    if (fam == 0) {
+        __builtin_memcpy(event->saddr, args->saddr, 4);
+        __builtin_memcpy(event->daddr, args->daddr, 4);
+    } else {
+        __builtin_memcpy(event->saddr, args->saddr_v6, 16);
+        __builtin_memcpy(event->daddr, args->daddr_v6, 16);
+    }
+    if (entry && owner_pid)
+        __builtin_memcpy(event->owner_comm, entry->owner_comm, TASK_COMM_LEN);
+    else
+        event->owner_comm[0] = 0;
+    /* No wake-up per event: user space drains on a short timer. */
+    events.ringbuf_submit(event, BPF_RB_NO_WAKEUP);
+}
+#endif
+
+TRACEPOINT_PROBE(sock, inet_sock_set_state)
+{
+    if (args->protocol != IPPROTO_TCP) {
+        count(C_OTHER_PROTOCOL);
+        return 0;
+    }
+    u32 fam;
+    if (args->family == AF_INET)
+        fam = 0;
+    else if (args->family == AF_INET6)
+        fam = 1;
+    else
+        return 0;
+    u32 old = args->oldstate, new = args->newstate;
+    if (old >= NSTATES)
+        old = 0;
+    if (new >= NSTATES)
+        new = 0;
+    u64 now = bpf_ktime_get_ns();
+    u64 sk = (u64)args->skaddr;
+    u32 port = port_slot_of(args->sport, args->dport);
+
+    u32 index = TRANSITION_INDEX(port, fam, old, new);
+    u64 *transition_count = transitions.lookup(&index);
+    if (transition_count)
+        *transition_count += 1;
+
+    u32 row_index = row_of(sk);
+    struct table_row *row = socket_table.lookup(&row_index);
+    if (!row)
+        return 0;
+    u32 way = TABLE_WAYS;
+#pragma unroll
+    for (u32 i = 0; i < TABLE_WAYS; i++) {
+        if (row->sk[i] == sk) {
+            way = i;
+            break;
+        }
+    }
+    struct sock_entry *entry = 0;
+    if (way < TABLE_WAYS)
+        entry = &row->entry[way];
+
+    /* A child of a listener is born in LISTEN -> SYN_RECV under its own
+     * address; every other socket is born leaving CLOSE. */
+    bool birth = old == TCP_CLOSE || (old == TCP_LISTEN && new == TCP_SYN_RECV);
+    u64 duration_ns = ~0ULL;
+
+    if (birth) {
+        if (entry) {
+            /* A stale entry: we missed this address's last close. */
+            live_add(LIVE_INDEX(entry->port_slot % NPORT_SLOTS, entry->family & 1,
+                                entry->state % NSTATES), -1);
+        } else {
+            way = claim_way(row, sk);
+            if (way < TABLE_WAYS)
+                entry = &row->entry[way];
+        }
+    } else if (entry) {
+        duration_ns = now - entry->entered_ns;
+        observe_state(index, duration_ns);
+        live_add(LIVE_INDEX(port, fam, old), -1);
+    } else {
+        count(C_DURATION_UNKNOWN);
+        untracked_drain(LIVE_INDEX(port, fam, old));
+        if (new != TCP_CLOSE) {
+            way = claim_way(row, sk);
+            if (way < TABLE_WAYS) {
+                entry = &row->entry[way];
+                entry->born_ns = 0;
+                entry->side = 0;
+                entry->owner_pid = 0;
+            }
+        }
+    }
+
+#ifdef TRACE_EVENTS
+    /* The owner of a socket is known once it acts in process context. */
+    if (entry && owner_context(old, new)) {
+        entry->owner_pid = bpf_get_current_pid_tgid() >> 32;
+        bpf_get_current_comm(&entry->owner_comm, sizeof(entry->owner_comm));
+    } else if (entry && birth) {
+        entry->owner_pid = 0;
+    }
+    trace_emit(args, now, fam, old, new, duration_ns, entry);
+#else
+    if (entry && owner_context(old, new))
+        entry->owner_pid = bpf_get_current_pid_tgid() >> 32;
+    else if (entry && birth)
+        entry->owner_pid = 0;
+#endif
+
+    if (new == TCP_CLOSE) {
+        if (entry) {
+            if (entry->born_ns && entry->side)
+                observe_connection(CONN_INDEX(port, fam, entry->side % NSIDES),
+                                   now - entry->born_ns);
+            row->sk[way % TABLE_WAYS] = 0;
+            count(C_TABLE_REMOVES);
+        }
+        return 0;
+    }
+
+    u32 live_index = LIVE_INDEX(port, fam, new);
+    if (!entry) {
+        untracked_add(live_index);
+        return 0;
+    }
+    if (birth) {
+        entry->born_ns = now;
+        entry->side = old == TCP_LISTEN ? SIDE_SERVER :
+                      new == TCP_SYN_SENT ? SIDE_CLIENT : 0;
+    }
+    entry->family = fam;
+    entry->port_slot = port;
+    entry->state = new;
+    entry->entered_ns = now;
+    live_add(live_index, 1);
+    return 0;
+}

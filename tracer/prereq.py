@@ -1,0 +1,119 @@
+"""Checks of what the kernel and the host must offer before BPF is loaded.
+
+Each failed check raises PrerequisiteError with its own exit code and a line
+that says how to fix it. The paths can be pointed elsewhere through
+environment variables, which is how the tests reach every failure:
+TCPSTATE_TRACEFS, TCPSTATE_TRACEPOINT (category:name), TCPSTATE_KERNEL_HEADERS.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import (
+    EXIT_HEADERS,
+    EXIT_PRIVILEGES,
+    EXIT_TRACEFS,
+    EXIT_TRACEPOINT,
+    PrerequisiteError,
+)
+
+TRACEPOINT = "sock:inet_sock_set_state"
+DEFAULT_TRACEFS = "/sys/kernel/tracing"
+
+CAP_SYS_ADMIN = 21
+CAP_PERFMON = 38
+CAP_BPF = 39
+
+
+@dataclass(frozen=True)
+class Prerequisites:
+    tracefs: Path
+    tracepoint: str
+    headers: Path
+
+
+def effective_capabilities(status_path: str = "/proc/self/status") -> int:
+    with open(status_path) as status:
+        for line in status:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def check_privileges() -> None:
+    caps = effective_capabilities()
+    has = lambda cap: bool(caps >> cap & 1)  # noqa: E731
+    if has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON)):
+        return
+    raise PrerequisiteError(
+        "needs root (or CAP_BPF and CAP_PERFMON) to load BPF programs: "
+        "run it as root, e.g. `su -c 'tcpstate serve'` or from a root shell",
+        EXIT_PRIVILEGES,
+    )
+
+
+def check_tracefs(path: Path, mount: bool = True) -> Path:
+    """tracefs must be mounted: mount it when it is not and we may."""
+    if (path / "events").is_dir():
+        return path
+    if mount and path.is_dir():
+        result = subprocess.run(
+            ["mount", "-t", "tracefs", "tracefs", str(path)],
+            capture_output=True, text=True,
+        )
+        if result.returncode == 0 and (path / "events").is_dir():
+            return path
+    raise PrerequisiteError(
+        f"tracefs is not mounted at {path} and could not be mounted: "
+        f"run `mount -t tracefs tracefs {path}` as root",
+        EXIT_TRACEFS,
+    )
+
+
+def check_tracepoint(tracefs: Path, tracepoint: str) -> str:
+    category, _, name = tracepoint.partition(":")
+    if not (tracefs / "events" / category / name / "format").is_file():
+        raise PrerequisiteError(
+            f"tracepoint {tracepoint} not found under {tracefs}/events: "
+            "tcpstate needs Linux 4.16 or newer",
+            EXIT_TRACEPOINT,
+        )
+    return tracepoint
+
+
+def check_headers(modules_dir: Path, allow_kheaders: bool = True) -> Path:
+    """bcc compiles against the running kernel's headers: a `build` and a
+    `source` tree under /lib/modules/RELEASE (or the kheaders module)."""
+    if (modules_dir / "build" / "include" / "generated").is_dir() and (
+        modules_dir / "source" / "include" / "linux" / "kconfig.h"
+    ).is_file():
+        return modules_dir
+    if allow_kheaders and Path("/sys/kernel/kheaders.tar.xz").exists():
+        return modules_dir
+    raise PrerequisiteError(
+        f"no kernel headers in {modules_dir}/build and source: install "
+        "linux-headers-$(uname -r), or run `make setup`, which links the "
+        "nearest Debian headers",
+        EXIT_HEADERS,
+    )
+
+
+def check_all(mount_tracefs: bool = True) -> Prerequisites:
+    """All checks, cheapest first; raises on the first failure."""
+    check_privileges()
+    tracefs = check_tracefs(
+        Path(os.environ.get("TCPSTATE_TRACEFS", DEFAULT_TRACEFS)), mount_tracefs
+    )
+    tracepoint = check_tracepoint(
+        tracefs, os.environ.get("TCPSTATE_TRACEPOINT", TRACEPOINT)
+    )
+    override = os.environ.get("TCPSTATE_KERNEL_HEADERS")
+    headers = check_headers(
+        Path(override or f"/lib/modules/{os.uname().release}"),
+        allow_kheaders=override is None,
+    )
+    return Prerequisites(tracefs=tracefs, tracepoint=tracepoint, headers=headers)
