@@ -90,7 +90,6 @@ class Snapshot:
     connection_buckets: np.ndarray  # [port, family, side, slot]
     connection_sum_ns: np.ndarray  # [port, family, side]
     live: np.ndarray  # [port, family, state], never negative
-    time_wait: int  # all namespaces, both families
     counters: dict[str, int] = field(default_factory=dict)
     table_capacity: int = 0
     missed_events: int = 0
@@ -301,11 +300,14 @@ class Probe:
             connection_buckets=self.read_map("connection_duration_buckets"),
             connection_sum_ns=self.read_map("connection_duration_sum_ns"),
             live=np.maximum(live, 0),
-            time_wait=netns.time_wait_total(),
             counters=counters,
             table_capacity=self.table_capacity,
             missed_events=self.prog_stats().get("recursion_misses", 0),
         )
+
+    def time_wait(self) -> int:
+        """TIME-WAIT mini-sockets in every namespace (the kernel's count)."""
+        return netns.time_wait_total()
 
     def close(self) -> None:
         bpf, self.bpf = getattr(self, "bpf", None), None

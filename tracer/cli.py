@@ -1,0 +1,137 @@
+"""Command line: `tcpstate serve` and `tcpstate trace`.
+
+Every error a user can cause ends in one line on stderr and a documented
+exit code (tracer.errors); tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import NoReturn, Sequence
+
+from . import __version__
+from .errors import EXIT_INTERNAL, EXIT_USAGE, TcpstateError, UsageError
+from .probe import DEFAULT_SOCKET_TABLE_SIZE, parse_service_ports, table_rows
+
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
+              "error": logging.ERROR}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, not usage plus message."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(EXIT_USAGE)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
+def _service_ports(text: str) -> tuple[int, ...]:
+    try:
+        return parse_service_ports(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[-1]) from None
+
+
+def _socket_table_size(text: str) -> int:
+    value = _positive_int(text)
+    try:
+        table_rows(value)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc).split(" must ", 1)[-1].join(("must ", ""))) from None
+    return value
+
+
+def _telemetry_path(text: str) -> str:
+    if not text.startswith("/") or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a path starting with /")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .serve import DEFAULT_LISTEN_ADDRESS
+
+    parser = _Parser(prog="tcpstate", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"tcpstate {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    serve = commands.add_parser("serve", help="export TCP state metrics for Prometheus")
+    serve.add_argument("--web.listen-address", dest="listen_address",
+                       default=DEFAULT_LISTEN_ADDRESS, metavar="HOST:PORT",
+                       help=f"address to serve metrics on (default {DEFAULT_LISTEN_ADDRESS})")
+    serve.add_argument("--web.telemetry-path", dest="telemetry_path", default="/metrics",
+                       type=_telemetry_path, metavar="PATH",
+                       help="path of the metrics (default /metrics)")
+    serve.add_argument("--service-ports", type=_service_ports, default=(), metavar="PORT,...",
+                       help="label transitions of sockets on these ports with port=PORT, "
+                            "all others port=other (default: no port label)")
+    serve.add_argument("--socket-table-size", type=_socket_table_size,
+                       default=DEFAULT_SOCKET_TABLE_SIZE, metavar="N",
+                       help=f"sockets tracked for durations (default {DEFAULT_SOCKET_TABLE_SIZE})")
+    serve.add_argument("--dry-run", action="store_true",
+                       help="check prerequisites, load, attach, read the maps once, and exit")
+    _add_log_level(serve)
+    return parser
+
+
+def _add_log_level(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log.level", dest="log_level", choices=sorted(LOG_LEVELS),
+                        default="info", help="log verbosity (default info)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .prereq import check_all
+
+    logging.basicConfig(
+        level=LOG_LEVELS[args.log_level], stream=sys.stderr,
+        format="ts=%(asctime)s level=%(levelname)s msg=%(message)s",
+    )
+    if args.command == "serve":
+        from .serve import parse_listen_address, serve
+
+        parse_listen_address(args.listen_address)  # a bad flag before any work
+        check_all()
+        return serve(
+            listen_address=args.listen_address,
+            telemetry_path=args.telemetry_path,
+            service_ports=args.service_ports,
+            socket_table_size=args.socket_table_size,
+            dry_run=args.dry_run,
+        )
+    raise UsageError(f"unknown command {args.command}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except TcpstateError as exc:
+        sys.stderr.write(f"tcpstate: {exc}\n")
+        return exc.exit_code
+    except BrokenPipeError:
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    except Exception as exc:  # a bug: keep it short, say how to see more
+        logging.getLogger(__name__).debug("internal error", exc_info=True)
+        sys.stderr.write(
+            f"tcpstate: internal error: {exc.__class__.__name__}: {exc} "
+            "(run with --log.level debug for details)\n"
+        )
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
