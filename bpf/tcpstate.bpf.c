@@ -250,27 +250,39 @@ static __always_inline u32 claim_way(struct table_row *row, u64 sk)
     return victim;
 }
 
-static __always_inline u32 port_slot_of(u16 local, u16 remote)
+static __always_inline u32 service_slot(u16 port)
 {
 #if NPORT_SLOTS > 1
-    /* The local port of listeners and accepted sockets, else the remote
-     * port of outgoing connections. */
-    u32 key = local;
+    u32 key = port;
     u8 *slot = service_port_slot.lookup(&key);
-    if (slot && *slot)
-        return *slot % NPORT_SLOTS;
-    key = remote;
-    slot = service_port_slot.lookup(&key);
-    if (slot && *slot)
+    if (slot)
         return *slot % NPORT_SLOTS;
 #endif
     return 0;
 }
 
+/* A socket's service port: the local port of listeners and accepted
+ * sockets, the remote port of outgoing connections (whose ephemeral local
+ * port may well be a service port's number). Fixed at birth; a socket seen
+ * first later gets the local port if listed, else the remote one. */
+static __always_inline u32 port_slot_of(u16 sport, u16 dport, u32 new,
+                                        struct sock_entry *entry, bool birth)
+{
+#if NPORT_SLOTS > 1
+    if (birth)
+        return service_slot(new == TCP_SYN_SENT ? dport : sport);
+    if (entry)
+        return entry->port_slot % NPORT_SLOTS;
+    u32 slot = service_slot(sport);
+    return slot ? slot : service_slot(dport);
+#else
+    return 0;
+#endif
+}
+
 #ifdef TRACE_EVENTS
-static __always_inline bool trace_wanted(struct tracepoint__sock__inet_sock_set_state *args,
-                                         u32 fam, u32 old, u32 new, u64 duration_ns,
-                                         u32 owner_pid)
+static __always_inline bool trace_wanted(u16 sport, u16 dport, u32 fam, u32 old, u32 new,
+                                         u64 duration_ns, u32 owner_pid)
 {
     u32 zero = 0;
     struct trace_filter *filter = trace_config.lookup(&zero);
@@ -292,23 +304,23 @@ static __always_inline bool trace_wanted(struct tracepoint__sock__inet_sock_set_
     u32 key;
     u8 *flags;
     if (filter->any_port) {
-        key = args->sport;
+        key = sport;
         flags = trace_ports.lookup(&key);
         bool hit = flags && (*flags & PORT_ANY_END);
-        key = args->dport;
+        key = dport;
         flags = trace_ports.lookup(&key);
         hit = hit || (flags && (*flags & PORT_ANY_END));
         if (!hit)
             return false;
     }
     if (filter->local_port) {
-        key = args->sport;
+        key = sport;
         flags = trace_ports.lookup(&key);
         if (!flags || !(*flags & PORT_LOCAL))
             return false;
     }
     if (filter->remote_port) {
-        key = args->dport;
+        key = dport;
         flags = trace_ports.lookup(&key);
         if (!flags || !(*flags & PORT_REMOTE))
             return false;
@@ -318,12 +330,14 @@ static __always_inline bool trace_wanted(struct tracepoint__sock__inet_sock_set_
     return true;
 }
 
-static __always_inline void trace_emit(struct tracepoint__sock__inet_sock_set_state *args,
-                                       u64 now, u32 fam, u32 old, u32 new,
-                                       u64 duration_ns, struct sock_entry *entry)
+/* bcc defines the tracepoint's argument struct only at the handler, so
+ * helpers take its fields one by one. */
+static __always_inline void trace_emit(u64 sk, u16 sport, u16 dport, const u8 *saddr,
+                                       const u8 *daddr, u64 now, u32 fam, u32 old,
+                                       u32 new, u64 duration_ns, struct sock_entry *entry)
 {
     u32 owner_pid = entry ? entry->owner_pid : 0;
-    if (!trace_wanted(args, fam, old, new, duration_ns, owner_pid))
+    if (!trace_wanted(sport, dport, fam, old, new, duration_ns, owner_pid))
         return;
     count(C_TRACE_MATCHED);
     struct trace_event *event = events.ringbuf_reserve(sizeof(struct trace_event));
@@ -332,23 +346,18 @@ static __always_inline void trace_emit(struct tracepoint__sock__inet_sock_set_st
         return;
     }
     event->timestamp_ns = now;
-    event->sk = (u64)args->skaddr;
+    event->sk = sk;
     event->duration_ns = duration_ns;
     event->lifetime_ns = (entry && entry->born_ns) ? now - entry->born_ns : ~0ULL;
     event->owner_pid = owner_pid;
-    event->sport = args->sport;
-    event->dport = args->dport;
+    event->sport = sport;
+    event->dport = dport;
     event->family = fam;
     event->oldstate = old;
     event->newstate = new;
     event->side = entry ? entry->side : 0;
-    if (fam == 0) {
-        __builtin_memcpy(event->saddr, args->saddr, 4);
-        __builtin_memcpy(event->daddr, args->daddr, 4);
-    } else {
-        __builtin_memcpy(event->saddr, args->saddr_v6, 16);
-        __builtin_memcpy(event->daddr, args->daddr_v6, 16);
-    }
+    __builtin_memcpy(event->saddr, saddr, 16);
+    __builtin_memcpy(event->daddr, daddr, 16);
     if (entry && owner_pid)
         __builtin_memcpy(event->owner_comm, entry->owner_comm, TASK_COMM_LEN);
     else
@@ -371,20 +380,16 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         fam = 1;
     else
         return 0;
+    /* Every field read once, here: clang must not keep pointers into the
+     * context for later, which the verifier refuses. */
     u32 old = args->oldstate, new = args->newstate;
+    u16 sport = args->sport, dport = args->dport;
+    u64 sk = (u64)args->skaddr;
     if (old >= NSTATES)
         old = 0;
     if (new >= NSTATES)
         new = 0;
     u64 now = bpf_ktime_get_ns();
-    u64 sk = (u64)args->skaddr;
-    u32 port = port_slot_of(args->sport, args->dport);
-
-    u32 index = TRANSITION_INDEX(port, fam, old, new);
-    u64 *transition_count = transitions.lookup(&index);
-    if (transition_count)
-        *transition_count += 1;
-
     u32 row_index = row_of(sk);
     struct table_row *row = socket_table.lookup(&row_index);
     if (!row)
@@ -405,6 +410,12 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
      * address; every other socket is born leaving CLOSE. */
     bool birth = old == TCP_CLOSE || (old == TCP_LISTEN && new == TCP_SYN_RECV);
     u64 duration_ns = ~0ULL;
+    u32 port = port_slot_of(sport, dport, new, entry, birth);
+
+    u32 index = TRANSITION_INDEX(port, fam, old, new);
+    u64 *transition_count = transitions.lookup(&index);
+    if (transition_count)
+        *transition_count += 1;
 
     if (birth) {
         if (entry) {
@@ -442,7 +453,19 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     } else if (entry && birth) {
         entry->owner_pid = 0;
     }
-    trace_emit(args, now, fam, old, new, duration_ns, entry);
+    /* IPv4 addresses go out as IPv4-mapped IPv6 ones (::ffff:a.b.c.d). */
+    u8 saddr[16] = {}, daddr[16] = {};
+    if (fam == 0) {
+        saddr[10] = saddr[11] = daddr[10] = daddr[11] = 0xff;
+        /* copied, not dereferenced: the verifier allows only fixed ctx loads */
+        bpf_probe_read_kernel(&saddr[12], 4, args->saddr);
+        bpf_probe_read_kernel(&daddr[12], 4, args->daddr);
+    } else {
+        bpf_probe_read_kernel(saddr, 16, args->saddr_v6);
+        bpf_probe_read_kernel(daddr, 16, args->daddr_v6);
+    }
+    trace_emit(sk, sport, dport, saddr, daddr, now, fam, old, new,
+               duration_ns, entry);
 #else
     if (entry && owner_context(old, new))
         entry->owner_pid = bpf_get_current_pid_tgid() >> 32;

@@ -66,6 +66,9 @@ def make_handler(registry: CollectorRegistry, telemetry_path: str) -> type:
 
     class Handler(BaseHTTPRequestHandler):
         server_version = f"tcpstate/{__version__}"
+        # Keep-alive: Prometheus reuses its connection, so scrapes do not
+        # leave a TIME-WAIT socket each on the host we measure.
+        protocol_version = "HTTP/1.1"
         timeout = REQUEST_TIMEOUT_SECONDS
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)

@@ -1,0 +1,26 @@
+# The two commands of the README: `make run` and `make test` (as root).
+# Each first installs whatever is missing (deploy/setup.sh).
+ARGS ?=
+PYTEST_ARGS ?=
+VENV := .venv
+
+.PHONY: setup setup-test run test unit bench bench-quick dashboards clean
+
+setup:
+	@MAKE_TARGET=run deploy/setup.sh run
+
+setup-test:
+	@MAKE_TARGET=test deploy/setup.sh test
+
+run: setup
+	$(VENV)/bin/tcpstate serve $(ARGS)
+
+test: setup-test
+	$(VENV)/bin/tcpstate serve --dry-run
+	$(VENV)/bin/python -m pytest -ra $(PYTEST_ARGS) tests
+
+unit: setup-test
+	$(VENV)/bin/python -m pytest -ra $(PYTEST_ARGS) tests/unit
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

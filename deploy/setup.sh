@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Installs what tcpstate needs on Debian 12, idempotently, saying what it does.
+#   deploy/setup.sh run    what `tcpstate serve` needs (also the container's recipe)
+#   deploy/setup.sh test   that, plus what the tests and benchmarks need
+#   deploy/setup.sh system like run, without the project's venv (containers)
+# Must run as root: it installs packages, links kernel headers, mounts tracefs.
+set -euo pipefail
+
+mode=${1:-run}
+case "$mode" in run | test | system) ;; *)
+  echo "usage: $0 [run|test|system]" >&2
+  exit 2
+  ;;
+esac
+here=$(cd "$(dirname "$0")/.." && pwd)
+say() { echo "setup: $*"; }
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "setup: must run as root (it installs packages and mounts tracefs): " \
+    "run \`su -c 'make ${MAKE_TARGET:-run}'\` or use a root shell" >&2
+  exit 3
+fi
+
+# ---- Debian packages -------------------------------------------------------
+packages=(python3-bpfcc python3-venv python3-pip iproute2 kmod)
+if [ "$mode" = test ]; then
+  packages+=(prometheus bpftool bpfcc-tools prometheus-node-exporter procps curl gcc libc6-dev)
+fi
+missing=()
+for package in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" ||
+    missing+=("$package")
+done
+apt_updated=
+apt_install() {
+  if [ -z "$apt_updated" ]; then
+    say "apt-get update"
+    apt-get update -qq
+    apt_updated=1
+  fi
+  say "apt-get install $*"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+if [ ${#missing[@]} -gt 0 ]; then
+  apt_install "${missing[@]}"
+  # Debian starts the services it installs where systemd runs; tcpstate's
+  # tests start their own Prometheus and node_exporter on private ports.
+  for service in prometheus prometheus-node-exporter; do
+    if [[ " ${missing[*]} " == *" $service "* ]] && command -v systemctl >/dev/null &&
+      systemctl is-active --quiet "$service" 2>/dev/null; then
+      systemctl disable --now "$service" >/dev/null 2>&1 || true
+    fi
+  done
+else
+  say "Debian packages present: ${packages[*]}"
+fi
+
+# ---- kernel headers for bcc ---------------------------------------------------
+release=$(uname -r)
+modules=/lib/modules/$release
+if [ -f "$modules/source/include/linux/kconfig.h" ] && [ -d "$modules/build/include/generated" ]; then
+  say "kernel headers present in $modules"
+else
+  if apt-cache show "linux-headers-$release" >/dev/null 2>&1 ||
+    { [ -z "$apt_updated" ] && apt-get update -qq && apt_updated=1 &&
+      apt-cache show "linux-headers-$release" >/dev/null 2>&1; }; then
+    apt_install "linux-headers-$release"
+  else
+    arch=$(dpkg --print-architecture)
+    running=$(echo "$release" | grep -oE '^[0-9]+\.[0-9]+(\.[0-9]+)?')
+    # The nearest Debian headers: the newest of the running kernel's major
+    # version or older; else the oldest newer one.
+    candidates=$(apt-cache pkgnames linux-headers- |
+      grep -E "^linux-headers-[0-9][0-9.]*[-+][^-]*-${arch}\$" | sort -V)
+    pick=""
+    for candidate in $candidates; do
+      version=$(echo "$candidate" | sed -E 's/^linux-headers-([0-9.]+).*/\1/')
+      if [ "$(printf '%s\n%s\n' "$version" "$running" | sort -V | head -1)" = "$version" ]; then
+        pick=$candidate
+      fi
+    done
+    [ -n "$pick" ] || pick=$(echo "$candidates" | head -1)
+    if [ -z "$pick" ]; then
+      echo "setup: no linux-headers package found for $release or near it" >&2
+      exit 5
+    fi
+    flavour=${pick#linux-headers-}
+    common=${flavour%-"$arch"}-common
+    dpkg-query -W -f='${Status}' "$pick" 2>/dev/null | grep -q "install ok installed" ||
+      apt_install "$pick"
+    mkdir -p "$modules"
+    ln -sfn "/usr/src/linux-headers-$flavour" "$modules/build"
+    ln -sfn "/usr/src/linux-headers-$common" "$modules/source"
+    echo "setup: WARNING: no headers package for kernel $release; linked the nearest," \
+      "$pick, as $modules/build and source (tcpstate reads no kernel struct by offset)"
+  fi
+fi
+
+# ---- tracefs -------------------------------------------------------------------
+if [ -d /sys/kernel/tracing/events ]; then
+  say "tracefs mounted at /sys/kernel/tracing"
+else
+  say "mount -t tracefs tracefs /sys/kernel/tracing"
+  mount -t tracefs tracefs /sys/kernel/tracing
+fi
+
+[ "$mode" = system ] && exit 0
+
+# ---- the project's venv ------------------------------------------------------------
+venv=$here/.venv
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import bcc" 2>/dev/null; then
+  say "/usr/bin/python3 -m venv --system-site-packages $venv"
+  rm -rf "$venv"
+  /usr/bin/python3 -m venv --system-site-packages "$venv"
+fi
+extras=""
+[ "$mode" = test ] && extras="[test]"
+stamp=$venv/.installed$extras
+if [ ! -f "$stamp" ] || [ "$here/pyproject.toml" -nt "$stamp" ] || [ ! -x "$venv/bin/tcpstate" ]; then
+  say "pip install -e .$extras"
+  if ! "$venv/bin/pip" install -q --disable-pip-version-check -e "$here$extras" \
+    >"$venv/pip.log" 2>&1; then
+    grep -v "^WARNING: Location" "$venv/pip.log" >&2
+    echo "setup: pip install failed (log: $venv/pip.log)" >&2
+    exit 1
+  fi
+  "$venv/bin/tcpstate" --version >/dev/null
+  touch "$stamp"
+else
+  say "venv up to date: $venv"
+fi

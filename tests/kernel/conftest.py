@@ -1,0 +1,57 @@
+"""Kernel tests: root, a real BPF program, real sockets in private namespaces.
+
+Where they cannot run they skip, except under CI=true, where they fail: CI
+must prove the kernel parts, not skip them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from .exporter import Exporter
+from .netlab import Lab, remove_stale_namespaces
+
+# Service ports the session's exporter labels; each test takes its own.
+SERVICE_PORTS = tuple(range(47001, 47033))
+
+
+def _kernel_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "kernel tests need root"
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        return "bcc (Debian python3-bpfcc) is not importable"
+    from tracer.errors import TcpstateError
+    from tracer.prereq import check_all
+
+    try:
+        check_all()
+    except TcpstateError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def kernel_available() -> None:
+    reason = _kernel_unavailable()
+    if reason:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true and a kernel test cannot run: {reason}")
+        pytest.skip(reason)
+    remove_stale_namespaces()
+
+
+@pytest.fixture(scope="session")
+def exporter():
+    """One `tcpstate serve` for the session, labelling SERVICE_PORTS."""
+    with Exporter(service_ports=SERVICE_PORTS) as running:
+        yield running
+
+
+@pytest.fixture
+def lab():
+    with Lab() as created:
+        yield created

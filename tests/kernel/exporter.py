@@ -1,0 +1,116 @@
+"""A real `tcpstate serve` process for kernel tests, and its scrapes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import http.client
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from prometheus_client.parser import text_string_to_metric_families
+
+TCPSTATE = str(Path(sys.executable).with_name("tcpstate"))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Scrape(dict):
+    """{(sample name, frozenset of label pairs): value}."""
+
+    @classmethod
+    def parse(cls, text: str) -> "Scrape":
+        scrape = cls()
+        scrape.text = text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                scrape[(sample.name, frozenset(sample.labels.items()))] = sample.value
+        return scrape
+
+    def value(self, name: str, **labels: str) -> float:
+        """One sample's value; 0 when the series is absent."""
+        return self.get((name, frozenset(labels.items())), 0.0)
+
+    def total(self, name: str, **labels: str) -> float:
+        """Sum of the samples of `name` whose labels include `labels`."""
+        wanted = set(labels.items())
+        return sum(v for (n, l), v in self.items() if n == name and wanted <= l)
+
+    def series(self, name: str) -> list[dict[str, str]]:
+        return [dict(l) for (n, l) in self if n == name]
+
+
+class Exporter:
+    def __init__(self, *args: str, service_ports: Sequence[int] = (),
+                 env: Mapping[str, str] | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/metrics"
+        command = [TCPSTATE, "serve", "--web.listen-address", f"127.0.0.1:{self.port}"]
+        if service_ports:
+            command += ["--service-ports", ",".join(map(str, service_ports))]
+        self.command = command + list(args)
+        self.env = {**os.environ, **(env or {})}
+        self.process: subprocess.Popen | None = None
+        self._connection: http.client.HTTPConnection | None = None
+
+    def start(self, timeout: float = 60.0) -> "Exporter":
+        self.process = subprocess.Popen(self.command, env=self.env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"tcpstate exited {self.process.returncode}: "
+                                   f"{self.process.stderr.read()}")
+            try:
+                self.scrape()
+                return self
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("tcpstate did not start serving in time")
+
+    def scrape(self) -> Scrape:
+        """One scrape over a kept-alive connection, as Prometheus does, so
+        that scraping adds no TIME-WAIT sockets to what it measures."""
+        for attempt in (1, 2):
+            if self._connection is None:
+                self._connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+            try:
+                self._connection.request("GET", "/metrics")
+                response = self._connection.getresponse()
+                body = response.read().decode()
+                if response.status != 200:
+                    raise OSError(f"scrape answered {response.status}")
+                return Scrape.parse(body)
+            except (OSError, http.client.HTTPException):
+                self._connection.close()
+                self._connection = None
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def __enter__(self) -> "Exporter":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,166 @@
+"""`tcpstate serve` counts every transition of real connections exactly."""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import time
+from collections import Counter
+
+import pytest
+
+from tracer import metrics as m
+from tracer.states import KNOWN_TRANSITIONS
+
+from .conftest import SERVICE_PORTS
+from .exporter import Exporter, Scrape
+from .netlab import Lab, wait_for
+from .workload import SCENARIOS, client_closes_first
+
+FAMILIES = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
+CONNECTIONS = 200
+_ports = itertools.cycle(SERVICE_PORTS)
+
+
+def transitions_of(scrape: Scrape, family: str, port: int) -> Counter:
+    counts: Counter = Counter()
+    for (name, labels), value in scrape.items():
+        labels = dict(labels)
+        if (name == m.TRANSITIONS and labels["family"] == family
+                and labels["port"] == str(port) and value):
+            counts[(labels["old_state"], labels["new_state"])] += int(value)
+    return counts
+
+
+def delta(after: Counter, before: Counter) -> Counter:
+    return Counter({k: after[k] - before[k] for k in after if after[k] != before[k]})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_every_transition_counted_exactly(exporter, lab, scenario, family):
+    port = next(_ports)
+    before = transitions_of(exporter.scrape(), family, port)
+    n = CONNECTIONS if scenario != "simultaneous_close" else 50
+    expected = SCENARIOS[scenario](lab, FAMILIES[family], port, n)
+
+    def counted() -> Counter:
+        return delta(transitions_of(exporter.scrape(), family, port), before)
+
+    wait_for(lambda: counted() == expected)
+    assert counted() == expected
+
+
+def test_known_transitions_exported_at_zero(exporter):
+    scrape = exporter.scrape()
+    for old, new in KNOWN_TRANSITIONS:
+        for family in FAMILIES:
+            assert (m.TRANSITIONS, frozenset({
+                "family": family, "old_state": old, "new_state": new,
+                "port": str(SERVICE_PORTS[-1])}.items())) in scrape
+
+
+def test_established_duration_lands_in_its_bucket(exporter, lab):
+    port = next(_ports)
+    held = 0.3  # 2**28 ns (0.268 s) < 0.3 s <= 2**29 ns (0.537 s)
+    labels = dict(family="ipv4", old_state="established", new_state="fin_wait1", port=str(port))
+    bucket = f"{m.STATE_DURATION}_bucket"
+    before = exporter.scrape()
+    with lab.listener(socket.AF_INET, port) as listener:
+        client = lab.connect(socket.AF_INET, port)
+        server, _ = listener.accept()
+        time.sleep(held)
+        client.close()
+        server.recv(1)
+        server.close()
+
+    def grew(scrape: Scrape, le: float) -> float:
+        return (scrape.value(bucket, **labels, le=str(le))
+                - before.value(bucket, **labels, le=str(le)))
+
+    assert wait_for(lambda: exporter.scrape().value(f"{m.STATE_DURATION}_count", **labels)
+                    > before.value(f"{m.STATE_DURATION}_count", **labels))
+    after = exporter.scrape()
+    assert grew(after, 2**28 / 1e9) == 0
+    assert grew(after, 2**29 / 1e9) == 1
+    total = (after.value(f"{m.STATE_DURATION}_sum", **labels)
+             - before.value(f"{m.STATE_DURATION}_sum", **labels))
+    assert held <= total < held + 0.1
+    # the whole connection's life, seen from the client
+    life = dict(family="ipv4", side="client", port=str(port))
+    assert (after.value(f"{m.CONNECTION_DURATION}_bucket", **life, le=str(2**29 / 1e9))
+            - before.value(f"{m.CONNECTION_DURATION}_bucket", **life, le=str(2**29 / 1e9))) == 1
+
+
+def gauge(scrape: Scrape, port: int, family: str = "ipv4") -> Counter:
+    return Counter({
+        labels["state"]: int(value)
+        for labels, value in ((dict(l), v) for (n, l), v in scrape.items() if n == m.SOCKETS)
+        if labels.get("port") == str(port) and labels["family"] == family and value
+    })
+
+
+def test_sockets_gauge_agrees_with_ss(exporter, lab):
+    port = next(_ports)
+    tw_before = exporter.scrape().value(m.SOCKETS, family="", state="time_wait", port="")
+    listener = lab.listener(socket.AF_INET, port)
+    pairs = []
+    for _ in range(20):
+        client = lab.connect(socket.AF_INET, port)
+        pairs.append((client, listener.accept()[0]))
+    for client, _ in pairs[:5]:  # the peer closes first: 5 servers in CLOSE_WAIT
+        client.close()
+
+    def ss_both() -> Counter:
+        return lab.ss_states("client", port) + lab.ss_states("server", port)
+
+    assert wait_for(lambda: ss_both()["close_wait"] == 5)
+    expected = ss_both()
+    tw = expected.pop("time_wait", 0) + expected.pop("fin_wait2", 0)
+    assert expected == {"listen": 1, "established": 30, "close_wait": 5}
+    assert wait_for(lambda: gauge(exporter.scrape(), port) == expected)
+    # TIME-WAIT (with the orphaned FIN-WAIT-2 mini-sockets) is the kernel's
+    # own count: the 5 closed clients added exactly that many.
+    assert exporter.scrape().value(m.SOCKETS, family="", state="time_wait", port="") \
+        - tw_before == tw == 5
+
+    for client, server in pairs:
+        client.close()
+        server.close()
+    listener.close()
+    assert wait_for(lambda: gauge(exporter.scrape(), port) == Counter())
+
+
+def test_sockets_from_before_start_are_seeded_and_drained():
+    """Sockets opened before the exporter started, in another namespace,
+    are counted at start and leave the gauge where it was once closed."""
+    port = SERVICE_PORTS[0]
+    with Lab() as lab:
+        listener = lab.listener(socket.AF_INET, port)
+        pairs = [(c, listener.accept()[0]) for c in
+                 (lab.connect(socket.AF_INET, port) for _ in range(10))]
+        with Exporter(service_ports=(port,)) as late:
+            assert gauge(late.scrape(), port) == {"listen": 1, "established": 20}
+            for client, server in pairs:
+                client.close()
+                server.recv(1)
+                server.close()
+            listener.close()
+            assert wait_for(lambda: gauge(late.scrape(), port) == Counter())
+            scrape = late.scrape()
+            # one unknown duration per socket (its first exit), never a 0 s observation
+            assert scrape.value(m.DURATION_UNKNOWN) >= 21
+            assert all(v >= 0 for (n, _), v in scrape.items() if n == m.SOCKETS)
+
+
+def test_churn_counted_exactly(exporter, lab):
+    """A larger churn, both families at once on one port."""
+    port = next(_ports)
+    before = {f: transitions_of(exporter.scrape(), f, port) for f in FAMILIES}
+    expected = {f: client_closes_first(lab, FAMILIES[f], port, 2000) for f in FAMILIES}
+    for f in FAMILIES:
+        assert wait_for(lambda: delta(transitions_of(exporter.scrape(), f, port),
+                                      before[f]) == expected[f])
+    scrape = exporter.scrape()
+    assert scrape.value(m.MISSED_EVENTS) == 0
+
