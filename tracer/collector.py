@@ -31,6 +31,8 @@ NS_PER_SECOND = 1e9
 
 
 class Reader(Protocol):
+    port_labels: tuple[str, ...]  # by port slot; () when ports are not labelled
+
     def read(self) -> Snapshot: ...
 
     def time_wait(self) -> int: ...
@@ -79,7 +81,7 @@ class TcpstateCollector(Collector):
 
     # ---- families ------------------------------------------------------
     def _families(self, snap: Snapshot | None, time_wait: int | None) -> Iterator[Metric]:
-        ports = snap.port_labels if snap else ()
+        ports = self.reader.port_labels
         port_label = [m.PORT_LABEL] if ports else []
 
         def slots() -> Iterator[tuple[int, list[str]]]:

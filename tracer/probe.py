@@ -83,7 +83,6 @@ def table_rows(socket_table_size: int) -> int:
 class Snapshot:
     """Totals over all CPUs, shaped by (port slot, family, ...)."""
 
-    port_labels: tuple[str, ...]  # by slot; () when ports are not labelled
     transitions: np.ndarray  # [port, family, old, new]
     duration_buckets: np.ndarray  # [port, family, old, new, slot]
     duration_sum_ns: np.ndarray  # [port, family, old, new]
@@ -176,6 +175,10 @@ class Probe:
     ):
         self.service_ports = tuple(service_ports)
         self.port_slots = 1 + len(self.service_ports)
+        # label values by port slot; () when ports are not labelled
+        self.port_labels: tuple[str, ...] = (
+            (OTHER_PORT, *map(str, self.service_ports)) if self.service_ports else ()
+        )
         self.table_capacity = table_rows(socket_table_size) * TABLE_WAYS
         cflags = [
             f"-DNSTATES={NSTATES}",
@@ -292,8 +295,6 @@ class Probe:
         counters = dict(zip(COUNTERS, (int(v) for v in self.read_map("counters"))))
         live = self.read_map("live_tracked") + self.read_map("live_untracked")
         return Snapshot(
-            port_labels=(OTHER_PORT, *map(str, self.service_ports))
-            if self.service_ports else (),
             transitions=self.read_map("transitions"),
             duration_buckets=self.read_map("state_duration_buckets"),
             duration_sum_ns=self.read_map("state_duration_sum_ns"),
