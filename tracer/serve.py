@@ -3,14 +3,30 @@
 Loads the BPF program (tracer.probe), registers a collector that reads its
 maps at scrape time (tracer.collector) in a private registry, and serves the
 exposition over HTTP until SIGTERM or SIGINT. No Python code runs per event.
+
+The HTTP server faces whatever can reach the port, so it is bounded:
+- at most MAX_CONNECTIONS connections, one thread each; one more sheds the
+  connection that has waited longest without a request being answered
+  (an idle keep-alive, a slow sender, a stalled TLS handshake), so a
+  scraper always gets in and a reply being written is never cut;
+- a request's line and headers must arrive within REQUEST_TIMEOUT_SECONDS
+  of its first byte and hold at most MAX_HEADER_BYTES (else 431); a kept
+  alive connection may idle IDLE_TIMEOUT_SECONDS between requests;
+- scrapes read the maps one at a time (SCRAPE_LOCK): concurrent scrapes
+  each get a whole snapshot, and counters never go backwards.
+Handler errors (garbage, resets, failed handshakes) are logged at debug
+level and cost only their own connection.
 """
 
 from __future__ import annotations
 
 import errno
+import http.client
+import io
 import logging
 import signal
 import socket
+import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,14 +39,26 @@ from . import __version__
 from .collector import TcpstateCollector
 from .errors import EXIT_LISTEN, TcpstateError, UsageError
 from .probe import Probe
+from .webconfig import WebConfig
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 9814
 DEFAULT_LISTEN_ADDRESS = f":{DEFAULT_PORT}"
 HEALTH_PATH = "/-/healthy"
-# A scraper that stops sending must not hold a server thread forever.
+# Time for a request line and headers once their first byte arrived, and
+# for writing a reply: a client that stops must not hold a thread forever.
 REQUEST_TIMEOUT_SECONDS = 10
+# A kept-alive connection waits this long for its next request: longer
+# than common scrape intervals, so scrapes reuse their connection and leave
+# no TIME-WAIT socket each on the host we measure.
+IDLE_TIMEOUT_SECONDS = 120
+MAX_CONNECTIONS = 128
+MAX_HEADER_BYTES = 64 * 1024
+_PLAIN_HTTP_TO_TLS = (b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain\r\n"
+                      b"Connection: close\r\n\r\n"
+                      b"Client sent an HTTP request to an HTTPS server.\n")
+_TLS_HANDSHAKE_RECORD = 0x16
 
 
 def parse_listen_address(text: str) -> tuple[str, int]:
@@ -42,13 +70,100 @@ def parse_listen_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+class _Connections:
+    """The open connections, each waiting (for a request, since a time) or
+    answering one. Keyed by the accepted socket object; the file descriptor
+    is kept to shed it, as TLS takes the object over."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._waiting: dict[int, tuple[float, int]] = {}
+        self._answering: dict[int, int] = {}
+
+    def admit(self, key: int, fd: int) -> bool:
+        with self._lock:
+            if len(self._waiting) + len(self._answering) >= self.limit:
+                if not self._waiting:
+                    return False  # every slot is writing a reply: refuse
+                victim = min(self._waiting, key=lambda k: self._waiting[k][0])
+                _, victim_fd = self._waiting.pop(victim)
+                _shut(victim_fd)
+                log.debug("connection limit %d reached: shed the longest-waiting one", self.limit)
+            self._waiting[key] = (time.monotonic(), fd)
+            return True
+
+    def answering(self, key: int) -> None:
+        with self._lock:
+            if key in self._waiting:
+                self._answering[key] = self._waiting.pop(key)[1]
+
+    def waiting(self, key: int) -> None:
+        with self._lock:
+            if key in self._answering:
+                self._waiting[key] = (time.monotonic(), self._answering.pop(key))
+
+    def release(self, key: int) -> None:
+        """Before the socket is closed: a freed descriptor number must never
+        be shed on behalf of the connection that had it."""
+        with self._lock:
+            self._waiting.pop(key, None)
+            self._answering.pop(key, None)
+
+
+def _shut(fd: int) -> None:
+    """Wake the thread blocked on this connection: it reads end-of-file."""
+    sock = socket.socket(fileno=fd)
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.detach()
+
+
+class _RequestReader(io.RawIOBase):
+    """The socket's reads for one request at a time, each given only the
+    time left until the request's deadline and capped in bytes, so that a
+    trickling (slowloris) or endless request is cut off."""
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+        self.start_request()
+
+    def readable(self) -> bool:
+        return True
+
+    def start_request(self) -> None:
+        self._deadline = time.monotonic() + IDLE_TIMEOUT_SECONDS
+        self._started = False
+        self._budget = MAX_HEADER_BYTES
+
+    def readinto(self, buffer) -> int:
+        if self._budget <= 0:
+            raise http.client.LineTooLong(f"request headers over {MAX_HEADER_BYTES} bytes")
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("request not received in time")
+        self._sock.settimeout(left)
+        received = self._sock.recv_into(memoryview(buffer)[: self._budget])
+        if received and not self._started:
+            self._started = True
+            self._deadline = min(self._deadline, time.monotonic() + REQUEST_TIMEOUT_SECONDS)
+        self._budget -= received
+        return received
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = MAX_CONNECTIONS
 
-    def __init__(self, address: tuple[str, int], handler):
+    def __init__(self, address: tuple[str, int], handler, tls: ssl.SSLContext | None = None):
         host = address[0]
         self.address_family = socket.AF_INET6 if ":" in host or host == "" else socket.AF_INET
+        self.tls = tls
+        self.connections = _Connections(MAX_CONNECTIONS)
         super().__init__((host or "::", address[1]), handler)
 
     def server_bind(self) -> None:
@@ -57,25 +172,105 @@ class _Server(ThreadingHTTPServer):
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         super().server_bind()
 
+    def process_request(self, request, client_address) -> None:
+        if not self.connections.admit(id(request), request.fileno()):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
 
-def make_handler(registry: CollectorRegistry, telemetry_path: str) -> type:
+    def shutdown_request(self, request) -> None:
+        self.connections.release(id(request))
+        super().shutdown_request(request)
+
+    def handle_error(self, request, client_address) -> None:
+        # A client's garbage, reset or failed handshake ends its own
+        # connection; it is no fault of ours and gets no traceback.
+        log.debug("connection from %s ended with an error", client_address, exc_info=True)
+
+
+class _NotTls(Exception):
+    """A plain-HTTP client on the TLS port: answered 400, then closed."""
+
+
+def make_handler(registry: CollectorRegistry, telemetry_path: str,
+                 web_config: WebConfig | None = None,
+                 scrape_lock: threading.Lock | None = None) -> type:
     landing = (
         "<html><head><title>tcpstate</title></head><body><h1>tcpstate</h1>"
         f'<p><a href="{telemetry_path}">Metrics</a></p></body></html>'
     ).encode()
+    auth = web_config.auth if web_config else None
+    extra_headers = dict(web_config.headers) if web_config else {}
+    scrape_lock = scrape_lock or threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
         server_version = f"tcpstate/{__version__}"
-        # Keep-alive: Prometheus reuses its connection, so scrapes do not
-        # leave a TIME-WAIT socket each on the host we measure.
+        # Keep-alive: Prometheus reuses its connection (see IDLE_TIMEOUT_SECONDS).
         protocol_version = "HTTP/1.1"
         timeout = REQUEST_TIMEOUT_SECONDS
 
+        def setup(self) -> None:
+            self._key = id(self.request)
+            if self.server.tls is not None:
+                self.request = self._start_tls(self.request)
+            super().setup()
+            self.rfile.close()
+            self._reader = _RequestReader(self.connection)
+            self.rfile = io.BufferedReader(self._reader)
+
+        def _start_tls(self, raw: socket.socket) -> ssl.SSLSocket:
+            raw.settimeout(REQUEST_TIMEOUT_SECONDS)
+            first = raw.recv(1, socket.MSG_PEEK)
+            if first and first[0] != _TLS_HANDSHAKE_RECORD:
+                # Read what the client sent first: closing on unread data
+                # would reset the connection before it reads the answer.
+                try:
+                    raw.recv(MAX_HEADER_BYTES, socket.MSG_DONTWAIT)
+                except OSError:
+                    pass
+                raw.sendall(_PLAIN_HTTP_TO_TLS)
+                raise _NotTls()
+            tls = self.server.tls.wrap_socket(raw, server_side=True,
+                                              do_handshake_on_connect=False)
+            try:
+                tls.do_handshake()
+            except BaseException:
+                self.server.connections.release(self._key)
+                tls.close()
+                raise
+            return tls
+
+        def handle_one_request(self) -> None:
+            self._reader.start_request()
+            try:
+                super().handle_one_request()
+            except http.client.LineTooLong as exc:  # the request line ate the budget
+                self.requestline = self.request_version = self.command = ""
+                self.send_error(431, str(exc))
+                self.close_connection = True
+            self.server.connections.waiting(self._key)
+
+        def finish(self) -> None:
+            try:
+                super().finish()
+            finally:
+                self.server.connections.release(self._key)
+                if self.server.tls is not None:
+                    self.connection.close()
+
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            self.server.connections.answering(self._key)
+            self.connection.settimeout(REQUEST_TIMEOUT_SECONDS)
+            if auth is not None and not auth.allows(self.headers.get("Authorization")):
+                self._reply(401, b"Unauthorized\n", "text/plain; charset=utf-8",
+                            {"WWW-Authenticate": 'Basic realm="tcpstate"'})
+                return
             path = self.path.split("?", 1)[0]
             if path == telemetry_path:
                 encoder, content_type = choose_encoder(self.headers.get("Accept"))
-                self._reply(200, encoder(registry), content_type)
+                with scrape_lock:
+                    body = encoder(registry)
+                self._reply(200, body, content_type)
             elif path == HEALTH_PATH:
                 self._reply(200, b"OK\n", "text/plain; charset=utf-8")
             elif path == "/":
@@ -83,10 +278,13 @@ def make_handler(registry: CollectorRegistry, telemetry_path: str) -> type:
             else:
                 self._reply(404, b"Not Found\n", "text/plain; charset=utf-8")
 
-        def _reply(self, status: int, body: bytes, content_type: str) -> None:
+        def _reply(self, status: int, body: bytes, content_type: str,
+                   headers: dict[str, str] | None = None) -> None:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
+            for name, value in {**extra_headers, **(headers or {})}.items():
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.write(body)
 
@@ -96,14 +294,17 @@ def make_handler(registry: CollectorRegistry, telemetry_path: str) -> type:
     return Handler
 
 
-def bind(listen_address: str, registry: CollectorRegistry, telemetry_path: str) -> _Server:
+def bind(listen_address: str, registry: CollectorRegistry, telemetry_path: str,
+         web_config: WebConfig | None = None,
+         scrape_lock: threading.Lock | None = None) -> _Server:
     host, port = parse_listen_address(listen_address)
+    handler = make_handler(registry, telemetry_path, web_config, scrape_lock)
     try:
-        return _Server((host, port), make_handler(registry, telemetry_path))
+        return _Server((host, port), handler, web_config.tls if web_config else None)
     except OSError as exc:
         reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
         raise TcpstateError(
-            f"cannot listen on {listen_address}: {reason}", EXIT_LISTEN
+            f"cannot listen on {listen_address}: {reason or exc}", EXIT_LISTEN
         ) from None
 
 
@@ -116,14 +317,48 @@ def bcc_version() -> str:
         return ""
 
 
+class _RepeatsOnce(logging.Filter):
+    """A collector part that fails at every scrape (the TIME-WAIT walk
+    without CAP_SYS_ADMIN, say) is logged once, not every 15 seconds; its
+    failure stays visible in tcpstate_scrape_collector_success."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last = ""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        repeated, self._last = message == self._last, message
+        return not repeated
+
+
+class _WithoutTimeWait:
+    """The probe for a collector that runs with no capabilities: entering
+    other network namespaces for their TIME-WAIT counts needs CAP_SYS_ADMIN,
+    so that part fails at once, plainly, and is reported as failed."""
+
+    def __init__(self, probe: Probe):
+        self._probe = probe
+        self.port_labels = probe.port_labels
+
+    def read(self):
+        return self._probe.read()
+
+    def time_wait(self) -> int:
+        raise PermissionError("the TIME-WAIT count needs CAP_SYS_ADMIN, dropped by --run-as")
+
+
 def serve(
     listen_address: str,
     telemetry_path: str,
     service_ports: tuple[int, ...],
     socket_table_size: int,
     dry_run: bool = False,
+    web_config: WebConfig | None = None,
+    run_as=None,
     report: Callable[[str], None] = print,
 ) -> int:
+    """`run_as` is a pwd entry (tracer.privileges.lookup_user) or None."""
     stop = threading.Event()
 
     def on_signal(signum, _frame) -> None:
@@ -132,14 +367,23 @@ def serve(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    logging.getLogger("tracer.collector").addFilter(_RepeatsOnce())
 
     registry = CollectorRegistry(auto_describe=True)
+    scrape_lock = threading.Lock()
     # Bind before loading: a busy port fails fast, with nothing to undo.
-    server = None if dry_run else bind(listen_address, registry, telemetry_path)
+    server = None if dry_run else bind(listen_address, registry, telemetry_path,
+                                       web_config, scrape_lock)
     started = time.monotonic()
-    probe = Probe(service_ports=service_ports, socket_table_size=socket_table_size)
     try:
-        collector = TcpstateCollector(probe, bcc_version=bcc_version())
+        probe = Probe(service_ports=service_ports, socket_table_size=socket_table_size)
+    except BaseException:
+        if server is not None:
+            server.server_close()
+        raise
+    try:
+        reader = probe if run_as is None else _WithoutTimeWait(probe)
+        collector = TcpstateCollector(reader, bcc_version=bcc_version())
         registry.register(collector)
         stats = probe.prog_stats()
         loaded = (
@@ -148,16 +392,26 @@ def serve(
             f"socket table {probe.table_capacity} sockets, "
             f"service ports {','.join(map(str, service_ports)) or 'none'})"
         )
+        if run_as is not None:
+            from .privileges import drop_to
+
+            drop_to(run_as)
+            log.info("running as %s with no capabilities: the TIME-WAIT gauge needs "
+                     "CAP_SYS_ADMIN and is not exported "
+                     '(tcpstate_scrape_collector_success{collector="time_wait"} 0)',
+                     run_as.pw_name)
         if dry_run:
             probe.read()
-            probe.time_wait()
+            if run_as is None:
+                probe.time_wait()
             report(f"tcpstate: dry run ok: {loaded}; maps readable")
             return 0
         log.info("%s", loaded)
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
                                   name="tcpstate-http", daemon=True)
         thread.start()
-        log.info("serving %s on %s", telemetry_path, listen_address)
+        log.info("serving %s on %s://%s", telemetry_path,
+                 web_config.scheme if web_config else "http", listen_address)
         while not stop.wait(0.5):
             pass
         server.shutdown()
@@ -165,4 +419,5 @@ def serve(
     finally:
         if server is not None:
             server.server_close()
-        probe.close()
+        with scrape_lock:  # a scrape in flight finishes before the maps close
+            probe.close()
