@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import NoReturn, Sequence
 
-from . import __version__
+# Before numpy is imported: its OpenBLAS would start a thread per core,
+# which tcpstate never uses, and --run-as must drop privileges while the
+# process has one thread (capability sets are per thread).
+os.environ["OPENBLAS_NUM_THREADS"] = "1"
+
+from . import __version__  # noqa: E402 (after the environment is set)
 from .errors import EXIT_INTERNAL, EXIT_USAGE, TcpstateError, UsageError
 from .probe import DEFAULT_SOCKET_TABLE_SIZE, parse_service_ports, table_rows
 
@@ -23,6 +29,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line, not usage plus message."""
 
     def error(self, message: str) -> NoReturn:
+        # argparse quotes some values raw: a newline in one must not make two lines
+        message = message.replace("\r", "\\r").replace("\n", "\\n")
         sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
         sys.exit(EXIT_USAGE)
 
@@ -59,6 +67,45 @@ def _telemetry_path(text: str) -> str:
     return text
 
 
+def _without_flag(exc: UsageError, flag: str) -> argparse.ArgumentTypeError:
+    """argparse names the flag itself: drop it from our message."""
+    message = str(exc)
+    if message.startswith(flag):
+        message = message[len(flag):].lstrip(": ")
+    return argparse.ArgumentTypeError(message)
+
+
+def _listen_address(text: str) -> str:
+    from .serve import parse_listen_address
+
+    try:
+        parse_listen_address(text)
+    except UsageError as exc:
+        raise _without_flag(exc, "--web.listen-address") from None
+    return text
+
+
+def _web_config(text: str):
+    from .webconfig import FLAG, load_web_config
+
+    try:
+        return load_web_config(text)
+    except UsageError as exc:
+        raise _without_flag(exc, FLAG) from None
+    except Exception as exc:  # whatever the file holds, one line, never a traceback
+        raise argparse.ArgumentTypeError(
+            f"cannot load {text!r}: {exc.__class__.__name__}") from None
+
+
+def _run_as(text: str):
+    from .privileges import lookup_user
+
+    try:
+        return lookup_user(text)
+    except UsageError as exc:
+        raise _without_flag(exc, "--run-as") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .serve import DEFAULT_LISTEN_ADDRESS
 
@@ -69,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="export TCP state metrics for Prometheus")
     serve.add_argument("--web.listen-address", dest="listen_address",
-                       default=DEFAULT_LISTEN_ADDRESS, metavar="HOST:PORT",
+                       default=DEFAULT_LISTEN_ADDRESS, metavar="HOST:PORT", type=_listen_address,
                        help=f"address to serve metrics on (default {DEFAULT_LISTEN_ADDRESS})")
     serve.add_argument("--web.telemetry-path", dest="telemetry_path", default="/metrics",
                        type=_telemetry_path, metavar="PATH",
@@ -80,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--socket-table-size", type=_socket_table_size,
                        default=DEFAULT_SOCKET_TABLE_SIZE, metavar="N",
                        help=f"sockets tracked for durations (default {DEFAULT_SOCKET_TABLE_SIZE})")
+    serve.add_argument("--web.config.file", dest="web_config", type=_web_config, default=None,
+                       metavar="FILE",
+                       help="TLS and basic auth, in the Prometheus exporter-toolkit format")
+    serve.add_argument("--run-as", dest="run_as", type=_run_as, default=None, metavar="USER",
+                       help="once attached, become USER with no capabilities "
+                            "(the TIME-WAIT gauge is then not exported)")
     serve.add_argument("--dry-run", action="store_true",
                        help="check prerequisites, load, attach, read the maps once, and exit")
     _add_log_level(serve)
@@ -99,9 +152,8 @@ def run(args: argparse.Namespace) -> int:
         format="ts=%(asctime)s level=%(levelname)s msg=%(message)s",
     )
     if args.command == "serve":
-        from .serve import parse_listen_address, serve
+        from .serve import serve
 
-        parse_listen_address(args.listen_address)  # a bad flag before any work
         check_all()
         return serve(
             listen_address=args.listen_address,
@@ -109,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
             service_ports=args.service_ports,
             socket_table_size=args.socket_table_size,
             dry_run=args.dry_run,
+            web_config=args.web_config,
+            run_as=args.run_as,
         )
     raise UsageError(f"unknown command {args.command}")
 
