@@ -1,0 +1,211 @@
+"""Prometheus recording and alerting rules for tcpstate, as data.
+
+Recording rules follow Prometheus' level:metric:operations naming. The
+`instance_port:` level keeps the service port, so the fleet view can rank
+nodes for one port; the `instance:` level sums it away for alerts and the
+all-ports fleet view. generate.py writes them to rules/tcpstate.rules.yml;
+rules/tcpstate.rules.test.yml is promtool's unit test of every alert.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from tracer import metrics as m
+
+from .promql import selector, transition
+
+# The scrape job the README's Prometheus configuration names.
+JOB = "tcpstate"
+WINDOW = "5m"
+
+# Alert thresholds: what a demanding SRE pages on, documented in each runbook.
+CONNECT_FAILURE_RATIO = 0.10
+CONNECT_MIN_RATE = 0.2           # connects/s below which a ratio is noise
+CLOSE_WAIT_MIN_SOCKETS = 20
+HANDSHAKE_P99_SECONDS = 0.5      # a lost SYN costs >= 1 s (the initial RTO)
+
+_INSTANCE = "instance, job"
+_INSTANCE_PORT = "instance, job, port"
+
+
+@dataclass(frozen=True)
+class Record:
+    record: str
+    expr: str
+
+
+@dataclass(frozen=True)
+class Alert:
+    alert: str
+    expr: str
+    for_: str
+    severity: str
+    summary: str
+    description: str
+    runbook: str
+    labels: dict = field(default_factory=dict)
+
+
+def _rate(metric: str, by: str, **labels: str) -> str:
+    return f"sum by ({by}) (rate({selector(metric, **labels)}[{WINDOW}]))"
+
+
+# ---- recorded series (the names the fleet view and alerts read) ----------
+PORT_CONNECT_ATTEMPTS = "instance_port:tcpstate_connect_attempts:rate5m"
+PORT_CONNECT_FAILURES = "instance_port:tcpstate_connect_failures:rate5m"
+PORT_RESETS = "instance_port:tcpstate_resets:rate5m"
+PORT_CLOSE_WAIT = "instance_port:tcpstate_close_wait_sockets:sum"
+PORT_HANDSHAKE_BUCKETS = "instance_port_le:tcpstate_handshake_seconds_bucket:rate5m"
+CONNECT_ATTEMPTS = "instance:tcpstate_connect_attempts:rate5m"
+CONNECT_FAILURES = "instance:tcpstate_connect_failures:rate5m"
+CONNECT_FAILURE_RATIO_SERIES = "instance:tcpstate_connect_failure:ratio_rate5m"
+HANDSHAKE_P99 = "instance:tcpstate_handshake_seconds:p99_rate5m"
+TABLE_EVICTIONS = "instance:tcpstate_socket_table_evictions:rate5m"
+
+
+def handshake_quantile(q: float, buckets: str, by: str) -> str:
+    """histogram_quantile over recorded handshake buckets. `>= 0` drops the
+    NaN of a window without handshakes, so that it neither ranks nor alerts."""
+    return f"histogram_quantile({q}, sum by ({by}, le) ({buckets})) >= 0"
+
+
+RECORDS: tuple[Record, ...] = (
+    # Every exit from SYN-SENT is a connect's outcome: established, or
+    # close (refused, timed out, reset), rarely syn_recv (simultaneous open).
+    Record(PORT_CONNECT_ATTEMPTS, _rate(m.TRANSITIONS, _INSTANCE_PORT, **transition("syn_sent"))),
+    Record(PORT_CONNECT_FAILURES,
+           _rate(m.TRANSITIONS, _INSTANCE_PORT, **transition("syn_sent", "close"))),
+    Record(PORT_RESETS, _rate(m.TRANSITIONS, _INSTANCE_PORT, **transition("established", "close"))),
+    Record(PORT_CLOSE_WAIT,
+           f"sum by ({_INSTANCE_PORT}) ({selector(m.SOCKETS, state='close_wait')})"),
+    Record(PORT_HANDSHAKE_BUCKETS,
+           _rate(f"{m.STATE_DURATION}_bucket", f"{_INSTANCE_PORT}, le",
+                 **transition("syn_sent", "established"))),
+    Record(CONNECT_ATTEMPTS, f"sum by ({_INSTANCE}) ({PORT_CONNECT_ATTEMPTS})"),
+    Record(CONNECT_FAILURES, f"sum by ({_INSTANCE}) ({PORT_CONNECT_FAILURES})"),
+    # No connects, no ratio (rather than NaN).
+    Record(CONNECT_FAILURE_RATIO_SERIES, f"{CONNECT_FAILURES} / ({CONNECT_ATTEMPTS} > 0)"),
+    Record(HANDSHAKE_P99, handshake_quantile(0.99, PORT_HANDSHAKE_BUCKETS, _INSTANCE)),
+    Record(TABLE_EVICTIONS, _rate(m.SOCKET_TABLE_EVICTIONS, _INSTANCE)),
+)
+
+ALERTS: tuple[Alert, ...] = (
+    Alert(
+        "TcpstateConnectFailureRatioHigh",
+        f"{CONNECT_FAILURE_RATIO_SERIES} > {CONNECT_FAILURE_RATIO} "
+        f"and on ({_INSTANCE}) {CONNECT_ATTEMPTS} > {CONNECT_MIN_RATE}",
+        "10m", "warning",
+        "{{ $labels.instance }}: {{ $value | humanizePercentage }} of outgoing connects fail",
+        f"More than {CONNECT_FAILURE_RATIO:.0%} of connect() calls on {{{{ $labels.instance }}}} "
+        "end SYN-SENT -> CLOSE (refused, timed out or reset) instead of ESTABLISHED.",
+        "Open the node's 'TCP life-cycle' dashboard: 'Connect outcomes' and the per-port "
+        "table show which service port fails. Refused (RST to the SYN) means nothing "
+        "listens there or its backlog overflowed (check the server's "
+        "`nstat TcpExtListenOverflows`); timed out means a firewall or an unreachable "
+        "peer. Fix the peer or the client's target list; this alert clears 10 minutes "
+        "after the ratio drops.",
+    ),
+    Alert(
+        "TcpstateCloseWaitGrowing",
+        f"{PORT_CLOSE_WAIT} > {CLOSE_WAIT_MIN_SOCKETS} and deriv({PORT_CLOSE_WAIT}[1h]) > 0",
+        "1h", "warning",
+        "{{ $labels.instance }} port {{ $labels.port }}: {{ $value }} sockets in CLOSE-WAIT and rising",
+        "Sockets in CLOSE-WAIT (the peer closed, the local program has not) have grown "
+        "for an hour. That is the classic descriptor leak: a program that never calls "
+        "close() on connections its peers have finished.",
+        "Find the owner: `ss -tanp state close-wait '( sport = :PORT or dport = :PORT )'` "
+        "on the node lists the process. Its code misses a close() on an error or EOF "
+        "path (or a pool never evicts dead connections). Restarting the process frees "
+        "the sockets but the count will grow again until the code is fixed; watch its "
+        "open file limit meanwhile (`ls /proc/PID/fd | wc -l`).",
+    ),
+    Alert(
+        "TcpstateHandshakeSlow",
+        f"{HANDSHAKE_P99} > {HANDSHAKE_P99_SECONDS}",
+        "15m", "warning",
+        "{{ $labels.instance }}: handshake p99 is {{ $value | humanizeDuration }}",
+        f"The 99th percentile of SYN-SENT -> ESTABLISHED took more than "
+        f"{HANDSHAKE_P99_SECONDS} s for 15 minutes. A lost SYN or SYN-ACK costs at least "
+        "the 1 s initial retransmission timeout, so this usually means packet loss or "
+        "a peer whose accept queue is full (it drops SYNs).",
+        "In the 'Handshake duration' heatmap, a band near 1 s, 3 s, 7 s is SYN "
+        "retransmission. Check the peers' `nstat TcpExtListenDrops TcpExtListenOverflows`, "
+        "the path's packet loss, and conntrack table drops (`conntrack -S`). The "
+        "per-port table names the service.",
+    ),
+    Alert(
+        "TcpstateSocketTableEvicting",
+        f"{TABLE_EVICTIONS} > 0",
+        "15m", "warning",
+        "{{ $labels.instance }}: tcpstate's socket table evicts {{ $value | humanize }} sockets/s",
+        "The per-socket table that tcpstate uses to time states is full in some rows, so "
+        "it evicts the oldest entry. Transitions are still counted exactly; the durations "
+        "of evicted sockets are lost (tcpstate_duration_unknown_total grows), so duration "
+        "histograms under-represent long-lived connections.",
+        "Compare 'Socket table fill' on the 'tcpstate exporter health' dashboard with "
+        "the node's open TCP sockets (`ss -s`). Restart tcpstate with a larger "
+        "--socket-table-size (a power of two above the peak socket count; each socket "
+        "costs about 32 bytes of kernel memory).",
+    ),
+    Alert(
+        "TcpstateExporterDown",
+        f'up{{job="{JOB}"}} == 0',
+        "5m", "critical",
+        "{{ $labels.instance }}: tcpstate is not being scraped",
+        "Prometheus cannot scrape tcpstate on {{ $labels.instance }}: the TCP "
+        "life-cycle of this node is invisible and its other alerts cannot fire.",
+        "On the node: `systemctl status tcpstate` or `kubectl -n NAMESPACE get pods -o "
+        "wide` for the pod on this node, then `journalctl -u tcpstate` / `kubectl logs`. "
+        "`tcpstate serve --dry-run` says which prerequisite (tracefs, BTF, kernel "
+        "headers, privileges) is missing. Also check that the port (default 9814) is "
+        "reachable from Prometheus.",
+    ),
+    Alert(
+        "TcpstateCollectorFailing",
+        f"{m.SCRAPE_SUCCESS} == 0",
+        "10m", "warning",
+        "{{ $labels.instance }}: tcpstate collector {{ $labels.collector }} fails",
+        "Part of tcpstate's collector fails on every scrape, so its metric families are "
+        "missing from the scrape (never partial: the rest is served).",
+        "`journalctl -u tcpstate` (or the pod's logs) has one error line per failed "
+        "scrape naming the cause. `bpf` failing means the BPF maps cannot be read; "
+        "`time_wait` means a network namespace could not be entered.",
+    ),
+)
+
+
+def rule_groups() -> dict:
+    """The rule file as Prometheus reads it."""
+    return {"groups": [
+        {"name": "tcpstate.rules",
+         "rules": [{"record": r.record, "expr": r.expr} for r in RECORDS]},
+        {"name": "tcpstate.alerts",
+         "rules": [{
+             "alert": a.alert, "expr": a.expr, "for": a.for_,
+             "labels": {"severity": a.severity, **a.labels},
+             "annotations": {"summary": a.summary, "description": a.description,
+                             "runbook": a.runbook},
+         } for a in ALERTS]},
+    ]}
+
+
+def to_yaml(groups: dict) -> str:
+    """The rule file as YAML. Strings are written as JSON strings, which are
+    YAML double-quoted scalars, so no YAML library is needed to write it."""
+    lines = ["# Generated by dashboards/generate.py from dashboards/rules.py: do not edit.",
+             "groups:"]
+    for group in groups["groups"]:
+        lines += [f"  - name: {group['name']}", "    rules:"]
+        for rule in group["rules"]:
+            first = True
+            for key, value in rule.items():
+                lead = "      - " if first else "        "
+                first = False
+                if isinstance(value, dict):
+                    lines.append(f"{lead}{key}:")
+                    lines += [f"          {k}: {json.dumps(v)}" for k, v in value.items()]
+                else:
+                    lines.append(f"{lead}{key}: {json.dumps(value)}")
+    return "\n".join(lines) + "\n"
