@@ -22,5 +22,9 @@ test: setup-test
 unit: setup-test
 	$(VENV)/bin/python -m pytest -ra $(PYTEST_ARGS) tests/unit
 
+# Regenerate dashboards/*.json and dashboards/rules/tcpstate.rules.yml from dashboards/*.py
+dashboards: setup-test
+	$(VENV)/bin/python -m dashboards.generate
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info
