@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -21,6 +22,18 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def prog_ids_of(pid: int) -> set[int]:
+    """The ids of the BPF programs a process holds, from /proc/PID/fdinfo."""
+    ids = set()
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+                ids.update(int(line.split()[1]) for line in info if line.startswith("prog_id:"))
+        except OSError:
+            continue  # closed meanwhile
+    return ids
 
 
 class Scrape(dict):
@@ -50,14 +63,20 @@ class Scrape(dict):
 
 class Exporter:
     def __init__(self, *args: str, service_ports: Sequence[int] = (),
-                 env: Mapping[str, str] | None = None):
-        self.port = free_port()
+                 env: Mapping[str, str] | None = None,
+                 ssl_context: ssl.SSLContext | None = None,
+                 headers: Mapping[str, str] | None = None, port: int | None = None):
+        """ssl_context and headers (e.g. Authorization) are used by scrape();
+        port: a given one (a restart on the same port), else a free one."""
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/metrics"
         command = [TCPSTATE, "serve", "--web.listen-address", f"127.0.0.1:{self.port}"]
         if service_ports:
             command += ["--service-ports", ",".join(map(str, service_ports))]
         self.command = command + list(args)
         self.env = {**os.environ, **(env or {})}
+        self.ssl_context = ssl_context
+        self.headers = dict(headers or {})
         self.process: subprocess.Popen | None = None
         self._connection: http.client.HTTPConnection | None = None
 
@@ -80,10 +99,13 @@ class Exporter:
         """One scrape over a kept-alive connection, as Prometheus does, so
         that scraping adds no TIME-WAIT sockets to what it measures."""
         for attempt in (1, 2):
-            if self._connection is None:
+            if self._connection is None and self.ssl_context is not None:
+                self._connection = http.client.HTTPSConnection(
+                    "127.0.0.1", self.port, timeout=10, context=self.ssl_context)
+            elif self._connection is None:
                 self._connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
             try:
-                self._connection.request("GET", "/metrics")
+                self._connection.request("GET", "/metrics", headers=self.headers)
                 response = self._connection.getresponse()
                 body = response.read().decode()
                 if response.status != 200:
