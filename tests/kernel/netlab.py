@@ -41,10 +41,15 @@ def run(*command: str) -> str:
 
 
 def remove_stale_namespaces() -> None:
-    """Namespaces a killed earlier run left behind."""
+    """Namespaces a killed earlier run left behind: those whose creating
+    process (the pid in the name) is gone, never a running session's."""
     for name in os.listdir("/run/netns") if os.path.isdir("/run/netns") else ():
-        if name.startswith(PREFIX):
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        if not name.startswith(PREFIX):
+            continue
+        pid = name[len(PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and os.path.exists(f"/proc/{pid}"):
+            continue
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
 def _setns(fd: int) -> None:
