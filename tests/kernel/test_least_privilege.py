@@ -1,0 +1,223 @@
+"""The privileges the deployment files grant are enough, and each is needed.
+
+deploy/systemd/tcpstate.service and deploy/kubernetes/daemonset.yaml grant
+tcpstate one list of capabilities (a unit test checks they agree). Here the
+real daemon runs with exactly that list (setpriv: uid 0, a reduced bounding
+set, no_new_privs), and with one capability fewer to show why each is
+there. The unit's SystemCallFilter is checked against every system call the
+daemon makes (strace), and the container recipe's entrypoint runs in a
+stand-in for the DaemonSet's pod: a read-only root, empty /lib/modules and
+/tmp, the pod's capabilities.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tracer.metrics import SCRAPE_SUCCESS
+from tracer.prereq import DEFAULT_TRACEFS
+
+from ..unit.deploy_files import (
+    ENTRYPOINT,
+    RUN_AS_DROP_IN,
+    UNIT,
+    capabilities,
+    daemonset_capabilities,
+    daemonset_container,
+    unit_entries,
+    unit_values,
+)
+from .exporter import TCPSTATE, Exporter
+
+UNIT_CAPABILITIES = capabilities(unit_entries(UNIT))
+RUN_AS_CAPABILITIES = capabilities(unit_entries(UNIT, RUN_AS_DROP_IN))
+NOBODY = 65534
+
+
+def as_root_with(caps: set[str], *command: str) -> list[str]:
+    """`command` as uid 0 holding only `caps`, unable to gain more."""
+    names = ",".join(f"+{cap.removeprefix('CAP_').lower()}" for cap in sorted(caps))
+    bounding = f"-all,{names}" if names else "-all"
+    return ["setpriv", "--no-new-privs", f"--bounding-set={bounding}", "--inh-caps=-all",
+            "--", *command]
+
+
+def run_python(caps: set[str], code: str) -> subprocess.CompletedProcess:
+    return subprocess.run(as_root_with(caps, sys.executable, "-c", code),
+                          capture_output=True, text=True, timeout=120)
+
+
+def _debian_tool(name: str, package: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", package],
+                       capture_output=True, timeout=600,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is missing and Debian's {package} did not install")
+    return path
+
+
+@pytest.fixture
+def foreign_namespace():
+    """A network namespace whose only process belongs to another user, as
+    a pod's (its pause container runs as 65535). Yields its inode."""
+    holder = subprocess.Popen(["unshare", "--net", "setpriv", f"--reuid={NOBODY}",
+                               f"--regid={NOBODY}", "--clear-groups", "sleep", "300"])
+    try:
+        ours = os.stat("/proc/self/ns/net").st_ino
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                inode = os.stat(f"/proc/{holder.pid}/ns/net").st_ino
+                uid = os.stat(f"/proc/{holder.pid}").st_uid
+            except OSError:
+                inode, uid = ours, 0
+            if inode != ours and uid == NOBODY:
+                break
+            assert time.monotonic() < deadline, "the namespace holder did not start"
+            time.sleep(0.05)
+        yield inode
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# Enters every network namespace (as the TIME-WAIT gauge and the start-up
+# count do) and prints the inode of each one entered.
+WALK = ("import os; from tracer import netns; print(' '.join(map(str, netns.in_every_namespace("
+        "lambda: os.stat('/proc/thread-self/ns/net').st_ino))))")
+
+
+def test_unit_capabilities_reach_every_namespace(foreign_namespace):
+    walked = run_python(UNIT_CAPABILITIES, WALK)
+    assert walked.returncode == 0, walked.stderr
+    assert str(foreign_namespace) in walked.stdout.split()
+
+
+def test_without_sys_ptrace_other_users_namespaces_are_missed(foreign_namespace):
+    walked = run_python(UNIT_CAPABILITIES - {"CAP_SYS_PTRACE"}, WALK)
+    assert walked.returncode == 0, walked.stderr
+    assert str(foreign_namespace) not in walked.stdout.split()
+
+
+def test_without_sys_admin_no_namespace_can_be_entered():
+    walked = run_python(UNIT_CAPABILITIES - {"CAP_SYS_ADMIN"}, WALK)
+    assert walked.returncode != 0
+    assert "Operation not permitted" in walked.stderr
+
+
+# Loads, attaches and reads the program, with no namespace walk.
+LOAD_AND_READ = ("from tracer.probe import Probe; p = Probe(seed_live_sockets=False); "
+                 "p.read(); print('prog', p.prog_stats()['prog_id']); p.close()")
+
+
+def test_bpf_and_perfmon_are_what_loading_and_reading_need():
+    loaded = run_python({"CAP_BPF", "CAP_PERFMON"}, LOAD_AND_READ)
+    assert loaded.returncode == 0, loaded.stderr
+    assert re.fullmatch(r"prog \d+\n", loaded.stdout)
+    for alone in ("CAP_BPF", "CAP_PERFMON"):
+        refused = run_python({alone}, LOAD_AND_READ)
+        assert refused.returncode != 0, f"{alone} alone loaded the program"
+        assert "prog" not in refused.stdout
+
+
+def _scrape_success(exporter: Exporter) -> dict[str, float]:
+    scrape = exporter.scrape()
+    return {labels["collector"]: scrape.value(SCRAPE_SUCCESS, **labels)
+            for labels in scrape.series(SCRAPE_SUCCESS)}
+
+
+def test_serve_with_the_unit_capabilities_exports_everything():
+    exporter = Exporter()
+    exporter.command = as_root_with(UNIT_CAPABILITIES, *exporter.command)
+    with exporter:
+        success = _scrape_success(exporter)
+    assert success and set(success.values()) == {1.0}, success
+    assert "time_wait" in success
+
+
+def test_serve_with_the_run_as_drop_in_drops_everything_and_keeps_serving():
+    exporter = Exporter(f"--run-as={NOBODY}")
+    exporter.command = as_root_with(RUN_AS_CAPABILITIES, *exporter.command)
+    with exporter:
+        success = _scrape_success(exporter)
+        with open(f"/proc/{exporter.process.pid}/status") as status:
+            fields = dict(line.split(":", 1) for line in status)
+    assert fields["Uid"].split() == [str(NOBODY)] * 4
+    assert int(fields["CapEff"], 16) == int(fields["CapPrm"], 16) == 0
+    assert success.pop("time_wait") == 0.0  # documented in run-as.conf
+    assert success and set(success.values()) == {1.0}, success
+
+
+def _syscall_names(filter_value: str, systemd_analyze: str) -> set[str]:
+    """A SystemCallFilter= allow list with its @groups expanded."""
+    names: set[str] = set()
+    pending = filter_value.split()
+    while pending:
+        item = pending.pop()
+        if not item.startswith("@"):
+            names.add(item)
+            continue
+        listing = subprocess.run([systemd_analyze, "syscall-filter", item], capture_output=True,
+                                 text=True, check=True, timeout=30).stdout.splitlines()[1:]
+        pending += [line.strip() for line in listing
+                    if line.strip() and not line.strip().startswith("#")]
+    return names
+
+
+def test_every_system_call_is_in_the_unit_filter(tmp_path):
+    """What serve and the run-as drop start, load, scrape and stop with."""
+    strace = _debian_tool("strace", "strace")
+    systemd_analyze = _debian_tool("systemd-analyze", "systemd")
+    (allowed,) = unit_values(unit_entries(UNIT), "SystemCallFilter")
+    allowed_names = _syscall_names(allowed, systemd_analyze)
+    used: set[str] = set()
+    for args, caps in (((), UNIT_CAPABILITIES),
+                       ((f"--run-as={NOBODY}",), RUN_AS_CAPABILITIES)):
+        trace = tmp_path / "strace.out"
+        exporter = Exporter(*args)
+        exporter.command = as_root_with(caps, strace, "-f", "-qq", "-o", str(trace),
+                                        *exporter.command)
+        with exporter:
+            exporter.scrape()
+            exporter.scrape()
+        used |= set(re.findall(r"^\d+ +([a-z0-9_]+)\(", trace.read_text(), re.MULTILINE))
+    assert {"bpf", "perf_event_open", "setns", "setresuid", "capset"} <= used
+    assert used - allowed_names == set()
+
+
+def test_entrypoint_serves_in_a_stand_in_for_the_daemonset_pod():
+    """The pod has a read-only root, empty /lib/modules and /tmp, the host's
+    tracefs read-only, no host /run/netns, and the listed capabilities. A
+    private mount namespace stands in for it (bind remounts: read-only for
+    this process only)."""
+    container = daemonset_container()
+    assert daemonset_capabilities() == UNIT_CAPABILITIES
+    pod = "; ".join([
+        "set -e",
+        "mount -t tmpfs -o size=1m modules /lib/modules",
+        "mount -t tmpfs -o size=64m tmp /tmp",
+        "mount -t tmpfs -o size=1m netns /run/netns",
+        f"mount -o remount,bind,ro {DEFAULT_TRACEFS}",
+        "mount -o remount,bind,ro /sys",
+        "mount -o remount,bind,ro /",
+        'exec "$@"',
+    ])
+    command = ["unshare", "--mount", "--propagation=private", "sh", "-c", pod, "pod",
+               *as_root_with(daemonset_capabilities(), "env",
+                             f"PATH={Path(TCPSTATE).parent}:/usr/bin:/bin",
+                             str(ENTRYPOINT), *container["args"], "--dry-run")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert "using the image's headers linux-headers-" in result.stderr
+    assert "dry run ok" in result.stdout
