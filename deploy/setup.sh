@@ -97,7 +97,11 @@ else
 fi
 
 # ---- tracefs -------------------------------------------------------------------
-if [ -d /sys/kernel/tracing/events ]; then
+# An image build (deploy/container/Containerfile) cannot mount it: the
+# container gets the host's tracefs at run time.
+if [ -n "${TCPSTATE_IMAGE_BUILD:-}" ]; then
+  say "image build: tracefs comes from the host at run time"
+elif [ -d /sys/kernel/tracing/events ]; then
   say "tracefs mounted at /sys/kernel/tracing"
 else
   say "mount -t tracefs tracefs /sys/kernel/tracing"
