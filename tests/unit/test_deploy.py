@@ -331,7 +331,8 @@ def test_kustomization_lists_every_manifest():
 def test_container_recipe_runs_the_setup_script():
     instructions = containerfile_instructions()
     (run,) = [arguments for keyword, arguments in instructions if keyword == "RUN"]
-    assert "/src/deploy/setup.sh system" in run
+    assert "TCPSTATE_IMAGE_BUILD=1 /src/deploy/setup.sh system" in run
+    assert '"${TCPSTATE_IMAGE_BUILD:-}"' in (ROOT / "deploy" / "setup.sh").read_text()
     venv = str(Path(INSTALLED_TCPSTATE).parents[1])
     assert f"-m venv --system-site-packages {venv}" in run
     assert f"{venv}/bin/pip install" in run
