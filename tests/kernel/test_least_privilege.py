@@ -181,6 +181,8 @@ def test_every_system_call_is_in_the_unit_filter(tmp_path):
     systemd_analyze = _debian_tool("systemd-analyze", "systemd")
     (allowed,) = unit_values(unit_entries(UNIT), "SystemCallFilter")
     allowed_names = _syscall_names(allowed, systemd_analyze)
+    (families,) = unit_values(unit_entries(UNIT), "RestrictAddressFamilies")
+    assert unit_values(unit_entries(UNIT), "RestrictNamespaces") == ["net"]
     used: set[str] = set()
     for args, caps in (((), UNIT_CAPABILITIES),
                        ((f"--run-as={NOBODY}",), RUN_AS_CAPABILITIES)):
@@ -191,7 +193,11 @@ def test_every_system_call_is_in_the_unit_filter(tmp_path):
         with exporter:
             exporter.scrape()
             exporter.scrape()
-        used |= set(re.findall(r"^\d+ +([a-z0-9_]+)\(", trace.read_text(), re.MULTILINE))
+        text = trace.read_text()
+        used |= set(re.findall(r"^\d+ +([a-z0-9_]+)\(", text, re.MULTILINE))
+        # RestrictNamespaces=net lets setns() through only for CLONE_NEWNET.
+        assert set(re.findall(r" setns\(\d+, ([^)]*)\)", text)) == {"CLONE_NEWNET"}
+        assert set(re.findall(r" socket\((AF_[A-Z0-9]+)", text)) <= set(families.split())
     assert {"bpf", "perf_event_open", "setns", "setresuid", "capset"} <= used
     assert used - allowed_names == set()
 

@@ -29,6 +29,7 @@ import yaml
 
 from tracer import __version__
 from tracer.cli import build_parser
+from tracer.errors import EXIT_HEADERS, EXIT_PRIVILEGES, EXIT_TRACEPOINT, EXIT_USAGE
 from tracer.prereq import DEFAULT_TRACEFS
 from tracer.serve import DEFAULT_PORT, HEALTH_PATH, parse_listen_address
 
@@ -146,6 +147,13 @@ def test_unit_command_line_is_real_flags(extra_args):
     args = parse_serve(argv[1:])
     assert not args.dry_run
     assert parse_listen_address(args.listen_address)[1] == DEFAULT_PORT
+
+
+def test_unit_gives_up_only_on_errors_that_retrying_cannot_heal():
+    (codes,) = unit_values(unit_entries(UNIT), "RestartPreventExitStatus")
+    assert {int(code) for code in codes.split()} == {
+        EXIT_USAGE, EXIT_PRIVILEGES, EXIT_HEADERS, EXIT_TRACEPOINT}
+    assert unit_values(unit_entries(UNIT), "Restart") == ["on-failure"]
 
 
 def test_environment_file_sets_the_variable_the_unit_reads():
