@@ -1,6 +1,7 @@
 """A real Prometheus server (Debian's `prometheus`) for kernel tests: on
 loopback, on a free port, with a temporary data directory, scraping the
-given targets every second and evaluating the given rule files every second.
+given targets every second with the job of dashboards/scrape.py (the
+README's), and evaluating the given rule files every second.
 Stopped and its directory removed on exit, even when the test fails.
 """
 
@@ -15,10 +16,10 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from dashboards.promapi import PrometheusAPI
+from dashboards.rules import JOB
+from dashboards.scrape import scrape_job
 
 from .exporter import free_port
-
-JOB = "tcpstate"
 
 
 class PrometheusServer:
@@ -34,12 +35,9 @@ class PrometheusServer:
         self.config = {
             "global": {"scrape_interval": interval, "evaluation_interval": interval},
             "rule_files": [str(Path(f).resolve()) for f in rule_files],
-            "scrape_configs": [{
-                "job_name": JOB,
-                # instance set per target, as a DaemonSet's relabelling sets it to the node name
-                "static_configs": [{"targets": [address], "labels": {"instance": instance}}
-                                   for instance, address in targets.items()],
-            }],
+            # the job README users copy (dashboards/prometheus.yml), with the
+            # instance set per target as a DaemonSet's monitor sets it to the node name
+            "scrape_configs": [scrape_job(dict(targets))],
         }
         self.directory: Path | None = None
         self.process: subprocess.Popen | None = None

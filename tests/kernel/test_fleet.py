@@ -174,3 +174,10 @@ def test_node_picker_lists_every_node(fleet):
     assert picker["query"]["query"] == f"label_values({m.BUILD_INFO}, instance)"
     result = fleet.api.query(f"count by (instance) ({m.BUILD_INFO})")
     assert sorted(s["metric"]["instance"] for s in result) == [n.instance for n in NODES]
+
+
+def test_budget_relabelling_keeps_only_the_handshake_buckets(fleet):
+    assert fleet.api.query(f'{m.STATE_DURATION}_bucket{{old_state!="syn_sent"}}') == []
+    assert fleet.api.query(f'{m.STATE_DURATION}_count{{old_state!="syn_sent"}}')
+    kept = fleet.api.query(f'count by (old_state, new_state) ({m.STATE_DURATION}_bucket)')
+    assert [s["metric"] for s in kept] == [{"old_state": "syn_sent", "new_state": "established"}]

@@ -56,6 +56,7 @@ def test_committed_files_are_what_the_generator_makes():
 def test_generator_check_mode_reports_a_stale_file(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(generate, "HERE", tmp_path)
     monkeypatch.setattr(generate, "RULES_FILE", tmp_path / "rules" / "tcpstate.rules.yml")
+    monkeypatch.setattr(generate, "PROMETHEUS_EXAMPLE", tmp_path / "prometheus.yml")
     assert generate.main(["--check"]) == 1
     assert "stale" in capsys.readouterr().err
 
@@ -172,6 +173,13 @@ def test_promtool_checks_the_rules():
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(rules.RECORDS) + len(rules.ALERTS)} rules found" in result.stdout
+
+
+def test_promtool_checks_the_example_configuration():
+    result = subprocess.run([promtool(), "check", "config", str(generate.PROMETHEUS_EXAMPLE)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 rule files found" in result.stdout
 
 
 def test_promtool_unit_tests_pass():
