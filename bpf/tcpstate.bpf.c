@@ -96,6 +96,9 @@ struct trace_filter {
     u8 remote_port;
     u8 pid;
     u8 transition;
+    u8 ready;               /* set last, once the filter maps are written:
+                             * bcc attaches at load, before user space can
+                             * write them, and nothing may leak meanwhile */
 };
 /* Port filter bits in `trace_ports`. */
 #define PORT_ANY_END 1
@@ -286,7 +289,7 @@ static __always_inline bool trace_wanted(u16 sport, u16 dport, u32 fam, u32 old,
 {
     u32 zero = 0;
     struct trace_filter *filter = trace_config.lookup(&zero);
-    if (!filter)
+    if (!filter || !filter->ready)
         return false;
     if (filter->family_mask && !(filter->family_mask & (1u << fam)))
         return false;
@@ -330,40 +333,52 @@ static __always_inline bool trace_wanted(u16 sport, u16 dport, u32 fam, u32 old,
     return true;
 }
 
-/* bcc defines the tracepoint's argument struct only at the handler, so
- * helpers take its fields one by one. */
-static __always_inline void trace_emit(u64 sk, u16 sport, u16 dport, const u8 *saddr,
-                                       const u8 *daddr, u64 now, u32 fam, u32 old,
-                                       u32 new, u64 duration_ns, struct sock_entry *entry)
+/* The side the handler gives a socket at its birth, after the event has
+ * gone out: until then the entry holds a previous socket's values. */
+static __always_inline u8 side_at_birth(u32 old, u32 new)
+{
+    return old == TCP_LISTEN ? SIDE_SERVER : new == TCP_SYN_SENT ? SIDE_CLIENT : 0;
+}
+
+/* A filled record of an event that passed the filters, still to be given
+ * its addresses and submitted; NULL when filtered out or the buffer is
+ * full (counted). bcc defines the tracepoint's argument struct only at the
+ * handler, so the addresses are read there, straight into the record. */
+static __always_inline struct trace_event *trace_emit(u64 sk, u16 sport, u16 dport,
+                                                      u64 now, u32 fam, u32 old, u32 new,
+                                                      u64 duration_ns, bool birth,
+                                                      struct sock_entry *entry)
 {
     u32 owner_pid = entry ? entry->owner_pid : 0;
     if (!trace_wanted(sport, dport, fam, old, new, duration_ns, owner_pid))
-        return;
+        return 0;
     count(C_TRACE_MATCHED);
     struct trace_event *event = events.ringbuf_reserve(sizeof(struct trace_event));
     if (!event) {
         count(C_RINGBUF_DROPS);
-        return;
+        return 0;
     }
     event->timestamp_ns = now;
     event->sk = sk;
     event->duration_ns = duration_ns;
-    event->lifetime_ns = (entry && entry->born_ns) ? now - entry->born_ns : ~0ULL;
+    if (birth) {
+        event->lifetime_ns = 0;
+        event->side = side_at_birth(old, new);
+    } else {
+        event->lifetime_ns = (entry && entry->born_ns) ? now - entry->born_ns : ~0ULL;
+        event->side = entry ? entry->side : 0;
+    }
     event->owner_pid = owner_pid;
     event->sport = sport;
     event->dport = dport;
     event->family = fam;
     event->oldstate = old;
     event->newstate = new;
-    event->side = entry ? entry->side : 0;
-    __builtin_memcpy(event->saddr, saddr, 16);
-    __builtin_memcpy(event->daddr, daddr, 16);
     if (entry && owner_pid)
         __builtin_memcpy(event->owner_comm, entry->owner_comm, TASK_COMM_LEN);
     else
-        event->owner_comm[0] = 0;
-    /* No wake-up per event: user space drains on a short timer. */
-    events.ringbuf_submit(event, BPF_RB_NO_WAKEUP);
+        __builtin_memset(event->owner_comm, 0, TASK_COMM_LEN);
+    return event;
 }
 #endif
 
@@ -453,19 +468,25 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     } else if (entry && birth) {
         entry->owner_pid = 0;
     }
-    /* IPv4 addresses go out as IPv4-mapped IPv6 ones (::ffff:a.b.c.d). */
-    u8 saddr[16] = {}, daddr[16] = {};
-    if (fam == 0) {
-        saddr[10] = saddr[11] = daddr[10] = daddr[11] = 0xff;
-        /* copied, not dereferenced: the verifier allows only fixed ctx loads */
-        bpf_probe_read_kernel(&saddr[12], 4, args->saddr);
-        bpf_probe_read_kernel(&daddr[12], 4, args->daddr);
-    } else {
-        bpf_probe_read_kernel(saddr, 16, args->saddr_v6);
-        bpf_probe_read_kernel(daddr, 16, args->daddr_v6);
+    struct trace_event *event = trace_emit(sk, sport, dport, now, fam, old, new,
+                                           duration_ns, birth, entry);
+    if (event) {
+        /* IPv4 addresses go out as IPv4-mapped IPv6 ones (::ffff:a.b.c.d).
+         * Copied, not dereferenced: the verifier allows only fixed ctx loads. */
+        if (fam == 0) {
+            __builtin_memset(event->saddr, 0, 10);
+            __builtin_memset(event->daddr, 0, 10);
+            event->saddr[10] = event->saddr[11] = 0xff;
+            event->daddr[10] = event->daddr[11] = 0xff;
+            bpf_probe_read_kernel(&event->saddr[12], 4, args->saddr);
+            bpf_probe_read_kernel(&event->daddr[12], 4, args->daddr);
+        } else {
+            bpf_probe_read_kernel(event->saddr, 16, args->saddr_v6);
+            bpf_probe_read_kernel(event->daddr, 16, args->daddr_v6);
+        }
+        /* No wake-up per event: user space drains on a short timer. */
+        events.ringbuf_submit(event, BPF_RB_NO_WAKEUP);
     }
-    trace_emit(sk, sport, dport, saddr, daddr, now, fam, old, new,
-               duration_ns, entry);
 #else
     if (entry && owner_context(old, new))
         entry->owner_pid = bpf_get_current_pid_tgid() >> 32;

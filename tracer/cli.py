@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dry-run", action="store_true",
                        help="check prerequisites, load, attach, read the maps once, and exit")
     _add_log_level(serve)
+
+    from .trace import add_trace_parser
+
+    _add_log_level(add_trace_parser(commands))
     return parser
 
 
@@ -164,6 +168,11 @@ def run(args: argparse.Namespace) -> int:
             web_config=args.web_config,
             run_as=args.run_as,
         )
+    if args.command == "trace":
+        from .trace import trace
+
+        check_all()
+        return trace(args)
     raise UsageError(f"unknown command {args.command}")
 
 
