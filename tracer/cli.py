@@ -171,7 +171,6 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "trace":
         from .trace import trace
 
-        check_all()
         return trace(args)
     raise UsageError(f"unknown command {args.command}")
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import UsageError
+from .prereq import check_all
 from .probe import COUNTERS, Probe
 from .ringbuf import RingBufferReader
 from .states import BY_NAME, FAMILIES, NSTATES
@@ -277,7 +278,8 @@ class _Stop:
 
 
 def trace(args: argparse.Namespace) -> int:
-    filters = Filters.from_args(args)
+    filters = Filters.from_args(args)  # a bad flag before any work
+    check_all()
     stop = _Stop()
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)

@@ -207,6 +207,8 @@ class TextFormat:
         n = len(events)
         if n == 0:
             return b""
+        if events.dtype != EVENT:  # e.g. numpy packed it: the byte layout is used below
+            events = events.astype(EVENT)
         raw = np.ascontiguousarray(events).view(np.uint8).reshape(n, EVENT.itemsize)
         out = np.full((n, self.line_length), SPACE, np.uint8)
         out[:, -1] = ord("\n")
@@ -248,7 +250,8 @@ class TextFormat:
     def _milliseconds(duration_ns: np.ndarray) -> np.ndarray:
         """Time in the old state, ms with 3 decimals; "-" when not known."""
         known = duration_ns != np.uint64(UNKNOWN_NS)
-        micros = np.where(known, duration_ns // np.uint64(1000), 0)
+        # capped at 9999999999.999 ms (115 days), far beyond any trace's own age
+        micros = np.where(known, np.minimum(duration_ns // np.uint64(1000), 10**13 - 1), 0)
         cells = np.empty((len(micros), 14), np.uint8)
         cells[:, 0:10] = _digits(micros // np.uint64(1000), 10)
         cells[:, 10] = ord(".")
