@@ -180,8 +180,8 @@ def state_table() -> table.Panel:
 
 def overview() -> dict:
     syn_sent_exits = rate(m.TRANSITIONS, "", **transition("syn_sent", **NODE_PORT))
-    handshake = (f"{m.STATE_DURATION}_bucket",
-                 transition("syn_sent", "established", **NODE_PORT))
+    handshake_buckets = selector(f"{m.STATE_DURATION}_bucket",
+                                 **transition("syn_sent", "established", **NODE_PORT))
     dash = (db.Dashboard("TCP life-cycle").uid(OVERVIEW_UID).tags(TAGS)
             .description("The TCP connection life-cycle of one node, from tcpstate's eBPF "
                          "tracepoint counters.")
@@ -266,7 +266,7 @@ def overview() -> dict:
         "Percentiles of the time outgoing connects spent in SYN-SENT: one round trip, "
         "plus the retransmission timeouts of lost SYNs (>= 1 s each).",
         [query(f"histogram_quantile({q}, sum by (le) "
-               f"(rate({selector(handshake[0], **handshake[1])}[{RATE}])))",
+               f"(rate({handshake_buckets}[{RATE}])))",
                f"p{int(q * 100)}", ref=ref)
          for q, ref in ((0.5, "A"), (0.9, "B"), (0.99, "C"))],
         unit="s"))
@@ -274,7 +274,7 @@ def overview() -> dict:
         heatmap.Panel().title("Handshake duration heatmap")
         .description("Connects per duration bucket and time (the kernel's log2 buckets).")
         .datasource(DATASOURCE).span(12).height(8)
-        .with_target(query(f"sum by (le) (increase({selector(handshake[0], **handshake[1])}"
+        .with_target(query(f"sum by (le) (increase({handshake_buckets}"
                            f"[{RATE}]))", "{{le}}", fmt=PromQueryFormat.HEATMAP))
         .calculate(False)
         .y_axis(heatmap.YAxisConfig().unit("s"))
@@ -360,29 +360,23 @@ def health() -> dict:
         [query(f"{selector(m.SOCKET_TABLE_ENTRIES, **node)} / "
                f"{selector(m.SOCKET_TABLE_CAPACITY, **node)}", "{{instance}}")],
         unit="percentunit", width=8).min(0))
-    dash = dash.with_panel(graph(
-        "Socket table evictions/s",
-        "Entries evicted from a full table row: their durations are lost "
-        "(alert TcpstateSocketTableEvicting).",
-        [query(rate(m.SOCKET_TABLE_EVICTIONS, "instance", **node), "{{instance}}")],
-        unit="ops", width=8))
-    dash = dash.with_panel(graph(
-        "Transitions without a duration/s",
-        "Transitions of sockets with no recorded entry time (older than the exporter, or "
-        "evicted): counted, never observed as a duration.",
-        [query(rate(m.DURATION_UNKNOWN, "instance", **node), "{{instance}}")],
-        unit="ops", width=8))
-    dash = dash.with_panel(graph(
-        "Missed BPF events/s",
-        "Tracepoint hits the kernel did not run the program for (it was already running "
-        "on that CPU): these transitions are missing from every count.",
-        [query(rate(m.MISSED_EVENTS, "instance", **node), "{{instance}}")],
-        unit="ops", width=8))
-    dash = dash.with_panel(graph(
-        "Non-TCP state changes/s",
-        "SCTP and MPTCP state changes the tracepoint reported and tcpstate skipped.",
-        [query(rate(m.OTHER_PROTOCOL, "instance", **node), "{{instance}}")],
-        unit="ops", width=8))
+    for title, description, counter in (
+        ("Socket table evictions/s",
+         "Entries evicted from a full table row: their durations are lost "
+         "(alert TcpstateSocketTableEvicting).", m.SOCKET_TABLE_EVICTIONS),
+        ("Transitions without a duration/s",
+         "Transitions of sockets with no recorded entry time (older than the exporter, or "
+         "evicted): counted, never observed as a duration.", m.DURATION_UNKNOWN),
+        ("Missed BPF events/s",
+         "Tracepoint hits the kernel did not run the program for (it was already running "
+         "on that CPU): these transitions are missing from every count.", m.MISSED_EVENTS),
+        ("Non-TCP state changes/s",
+         "SCTP and MPTCP state changes the tracepoint reported and tcpstate skipped.",
+         m.OTHER_PROTOCOL),
+    ):
+        dash = dash.with_panel(graph(
+            title, description, [query(rate(counter, "instance", **node), "{{instance}}")],
+            unit="ops", width=8))
     dash = dash.with_panel(graph(
         "Series per scrape",
         "Samples Prometheus ingests per scrape of each exporter (the series budget).",

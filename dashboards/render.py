@@ -130,15 +130,26 @@ def series_values(series: dict) -> tuple[list[float], list[float]]:
 
 
 # ---- panel drawers ----------------------------------------------------------------------
+def overrides(panel: dict, prop: str) -> dict[str, object]:
+    """{series name: value} of by-name field overrides setting `prop`."""
+    return {o["matcher"]["options"]: p["value"]
+            for o in panel.get("fieldConfig", {}).get("overrides", [])
+            if o["matcher"]["id"] == "byName"
+            for p in o["properties"] if p["id"] == prop}
+
+
 def draw_timeseries(ax: Axes, panel: dict, ctx: Context) -> None:
     unit = panel_unit(panel)
     stacked = (panel.get("fieldConfig", {}).get("defaults", {}).get("custom", {})
                .get("stacking", {}).get("mode") == "normal")
-    lines = []
+    on_right = {name for name, place in overrides(panel, "custom.axisPlacement").items()
+                if place == "right"}
+    lines, right = [], []
     for target, result in run_queries(panel, ctx, instant=False):
         for series in result:
             times, values = series_values(series)
-            lines.append((legend(target.get("legendFormat", ""), series["metric"]), times, values))
+            name = legend(target.get("legendFormat", ""), series["metric"])
+            (right if name in on_right else lines).append((name, times, values))
     lines.sort(key=lambda line: -max(line[2], default=0))
     if stacked and lines:
         grid = sorted({t for _, times, _ in lines for t in times})
@@ -152,9 +163,19 @@ def draw_timeseries(ax: Axes, panel: dict, ctx: Context) -> None:
     ax.set_xlabel("seconds before the end", fontsize=6)
     ax.yaxis.set_major_formatter(lambda v, _: format_value(v, unit))
     ax.grid(alpha=0.3)
-    shown = [line for line in lines if max(line[2], default=0) > 0] or lines
+    handles, labels = ax.get_legend_handles_labels()
+    if right:  # a second y axis, as the override asks
+        twin = ax.twinx()
+        units = overrides(panel, "unit")
+        for name, times, values in right:
+            twin.plot([t - ctx.end for t in times], values, label=name, linewidth=1.2,
+                      linestyle="--", color="tab:gray")
+            twin.yaxis.set_major_formatter(lambda v, _, u=units.get(name, unit): format_value(v, u))
+        twin.tick_params(labelsize=6)
+        more_handles, more_labels = twin.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    shown = [line for line in lines + right if max(line[2], default=0) > 0] or lines + right
     if shown:
-        handles, labels = ax.get_legend_handles_labels()
         keep = {name for name, _, _ in shown[:8]}
         pairs = [(h, l) for h, l in zip(handles, labels) if l in keep]
         ax.legend(*zip(*pairs), fontsize=5, loc="upper left", ncol=2, framealpha=0.6)
@@ -183,9 +204,10 @@ def draw_heatmap(ax: Axes, panel: dict, ctx: Context) -> None:
     lo, hi = max(0, used[0] - 1), min(len(bounds), used[-1] + 2)
     image = ax.pcolormesh([t - ctx.end for t in times], range(lo, hi), counts[lo:hi],
                           cmap="Oranges", shading="nearest")
-    ax.set_yticks(range(lo, hi))
+    every = max(1, (hi - lo) // 10)  # at most ~10 labels
+    ax.set_yticks(range(lo, hi, every))
     ax.set_yticklabels([format_value(b, "s") if math.isfinite(b) else "+Inf"
-                        for b in bounds[lo:hi]], fontsize=5)
+                        for b in bounds[lo:hi:every]], fontsize=5)
     ax.set_xlabel("seconds before the end", fontsize=6)
     plt.colorbar(image, ax=ax, pad=0.01).ax.tick_params(labelsize=5)
 
@@ -198,9 +220,7 @@ def table_rows(panel: dict, ctx: Context) -> tuple[list[str], list[list[str]]]:
     value_columns = []
     results = run_queries(panel, ctx, instant=True)
     many = len(results) > 1
-    unit_of = {o["matcher"]["options"]: p["value"]
-               for o in panel.get("fieldConfig", {}).get("overrides", [])
-               for p in o["properties"] if p["id"] == "unit"}
+    unit_of = overrides(panel, "unit")
     for target, result in results:
         column = f"Value #{target['refId']}" if many else "Value"
         value_columns.append(column)
@@ -281,7 +301,7 @@ def draw_node_graph(ax: Axes, panel: dict, ctx: Context) -> None:
         rate = float(edge["mainStat"])
         live = rate > 0
         ax.annotate("", xy=b, xytext=a, arrowprops=dict(
-            arrowstyle="-|>", color="tab:blue" if live else "0.8", shrinkA=14, shrinkB=14,
+            arrowstyle="-|>", color="tab:blue" if live else "0.8", shrinkA=18, shrinkB=18,
             linewidth=0.6 + 3.5 * math.sqrt(rate / top) if live else 0.5,
             connectionstyle="arc3,rad=0.18"))
         if live:
@@ -290,7 +310,8 @@ def draw_node_graph(ax: Axes, panel: dict, ctx: Context) -> None:
                     color="tab:blue", bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none"))
     for state, (x, y) in STATE_POSITIONS.items():
         node = nodes.get(state, {})
-        ax.add_patch(plt.Circle((x, y), 0.045, color="tab:orange" if node else "0.85", zorder=3))
+        # a scatter marker stays round whatever the panel's aspect ratio
+        ax.scatter([x], [y], s=1100, color="tab:orange" if node else "0.85", zorder=3)
         ax.text(x, y + 0.012, node.get("title", state), ha="center", va="center", fontsize=5.5,
                 zorder=4, weight="bold")
         if node:
@@ -345,7 +366,7 @@ def render_panels(dashboard: dict, ctx: Context, out: Path, dpi: int = 90) -> li
     return written
 
 
-def render_sheet(dashboard: dict, ctx: Context, path: Path, dpi: int = 60) -> Path:
+def render_sheet(dashboard: dict, ctx: Context, path: Path, dpi: int = 72) -> Path:
     """The whole dashboard in one image, each panel where gridPos puts it."""
     items = list(panels(dashboard))
     rows = max(p["gridPos"]["y"] + p["gridPos"]["h"] for p in items)
