@@ -22,6 +22,14 @@ test: setup-test
 unit: setup-test
 	$(VENV)/bin/python -m pytest -ra $(PYTEST_ARGS) tests/unit
 
+# Benchmarks (bench/, BENCHMARKS.md): about 10 minutes; bench-quick about 1.
+BENCH_ARGS ?=
+bench: setup-test
+	$(VENV)/bin/python -m bench.run $(BENCH_ARGS)
+
+bench-quick: setup-test
+	$(VENV)/bin/python -m bench.run --quick $(BENCH_ARGS)
+
 # Regenerate dashboards/*.json and dashboards/rules/tcpstate.rules.yml from dashboards/*.py
 dashboards: setup-test
 	$(VENV)/bin/python -m dashboards.generate

@@ -16,6 +16,8 @@
  *   TABLE_BUCKETS    socket table rows (TABLE_WAYS sockets each)
  *   TRACE_EVENTS     defined by `tcpstate trace`: emit filtered events
  *   RINGBUF_PAGES    with TRACE_EVENTS: ring buffer size in pages
+ *   NO_SOCKET_TABLE, NO_HISTOGRAMS   bench/ only: leave a feature out to
+ *                    measure its cost (figure 1 of BENCHMARKS.md)
  */
 #include <uapi/linux/in.h>
 #include <linux/socket.h>
@@ -182,6 +184,7 @@ static __always_inline u32 duration_slot(u64 ns)
 /* One function per histogram: bcc binds a map only where it is named. */
 static __always_inline void observe_state(u32 index, u64 ns)
 {
+#ifndef NO_HISTOGRAMS   /* bench/ measures the cost of each feature */
     u32 key = index * NBUCKETS + duration_slot(ns);
     u64 *value = state_duration_buckets.lookup(&key);
     if (value)
@@ -189,10 +192,12 @@ static __always_inline void observe_state(u32 index, u64 ns)
     value = state_duration_sum_ns.lookup(&index);
     if (value)
         *value += ns;
+#endif
 }
 
 static __always_inline void observe_connection(u32 index, u64 ns)
 {
+#ifndef NO_HISTOGRAMS
     u32 key = index * NBUCKETS + duration_slot(ns);
     u64 *value = connection_duration_buckets.lookup(&key);
     if (value)
@@ -200,6 +205,7 @@ static __always_inline void observe_connection(u32 index, u64 ns)
     value = connection_duration_sum_ns.lookup(&index);
     if (value)
         *value += ns;
+#endif
 }
 
 /* Transitions that run in the owning process's context (a system call on
@@ -404,6 +410,18 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         old = 0;
     if (new >= NSTATES)
         new = 0;
+#ifdef NO_SOCKET_TABLE
+    /* bench/: the transition counters alone (no table: no durations,
+     * gauge or owner). Never built by tcpstate itself. */
+    {
+        bool born = old == TCP_CLOSE || (old == TCP_LISTEN && new == TCP_SYN_RECV);
+        u32 at = TRANSITION_INDEX(port_slot_of(sport, dport, new, 0, born), fam, old, new);
+        u64 *seen = transitions.lookup(&at);
+        if (seen)
+            *seen += 1;
+        return 0;
+    }
+#endif
     u64 now = bpf_ktime_get_ns();
     u32 row_index = row_of(sk);
     struct table_row *row = socket_table.lookup(&row_index);

@@ -25,6 +25,8 @@ fi
 packages=(python3-bpfcc python3-venv python3-pip iproute2 kmod)
 if [ "$mode" = test ]; then
   packages+=(prometheus bpftool bpfcc-tools prometheus-node-exporter procps curl gcc libc6-dev)
+  # bench/: bcc's tcpstates compiles only against Debian 12's own 6.1 headers
+  packages+=("linux-headers-$(dpkg --print-architecture)")
 fi
 missing=()
 for package in "${packages[@]}"; do

@@ -1,0 +1,315 @@
+"""The measurements behind BENCHMARKS.md, one function per figure. Each
+returns plain data (dicts, lists, numbers) that bench/report.py renders."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+from tests.kernel.exporter import Exporter, Scrape
+from tracer import metrics as m
+from tracer.probe import FUNCTION, Probe
+
+from . import measure
+from .configs import RATE_CONFIGS, EmptyHandler, NodeExporter, Scraper, Serve, \
+    Tcpstates
+from .lab import CHURN_PORT, HOLD_PORTS, SERVICE_PORTS, Lab
+
+# Connections per second that make ~200k transitions/s (six per connection).
+RATE_200K = 200_000 / 6
+RATE_2 = 2 / 6
+ALL_FEATURES = "+ 10 service ports (all features)"
+
+
+@dataclass
+class Settings:
+    rounds: int = 5              # A/B rounds per configuration (figure 1b, 7)
+    churn_seconds: float = 4     # one workload run
+    cost_rounds: int = 3         # figure 1
+    cpu_seconds: float = 45      # figure 2, per rate
+    scrape_interval: float = 15  # figure 2
+    scrapes: int = 200           # figure 3
+    held: tuple[int, ...] = (5_000, 50_000)  # figure 4: connections (2 sockets each)
+    gauge_scrapes: int = 20      # figure 4
+    first_count_repeats: int = 3  # figure 6
+    exact_connections: int = 200_000
+
+    @classmethod
+    def quick(cls) -> "Settings":
+        return cls(rounds=1, churn_seconds=2, cost_rounds=1, cpu_seconds=8,
+                   scrape_interval=4, scrapes=40, held=(5_000,), gauge_scrapes=5,
+                   first_count_repeats=1, exact_connections=20_000)
+
+
+def _ns_per_event(before: dict, after: dict) -> tuple[float, int]:
+    runs = after["run_cnt"] - before["run_cnt"]
+    return (after["run_time_ns"] - before["run_time_ns"]) / max(runs, 1), runs
+
+
+def kernel_cost(lab: Lab, settings: Settings) -> dict:
+    """Figure 1: run_time_ns / run_cnt of each program, all attached to the
+    tracepoint at once and so timed on the same events: an empty handler
+    (attached first and last: the kernel runs them in attach order) and our
+    program built with one feature more at each step; then the same again
+    with bcc's tcpstates attached too (its perf-buffer output and its busy
+    reader slow the programs beside it: both are shown)."""
+    variants = {
+        "counters only": dict(extra_cflags=["-DNO_SOCKET_TABLE"]),
+        "+ socket table": dict(extra_cflags=["-DNO_HISTOGRAMS"]),
+        "+ histograms (serve's default)": {},
+        ALL_FEATURES: dict(service_ports=SERVICE_PORTS),
+    }
+    phases = {}
+    with measure.bpf_stats_enabled(), contextlib.ExitStack() as stack:
+        readers = {}
+        first = stack.enter_context(EmptyHandler())
+        readers["empty handler (first)"] = _fd_reader(first.bpf.funcs[FUNCTION.encode()].fd)
+        for name, options in variants.items():
+            probe = stack.enter_context(contextlib.closing(
+                Probe(seed_live_sockets=False, **options)))
+            readers[name] = probe.prog_stats
+        last = stack.enter_context(EmptyHandler())
+        readers["empty handler (last)"] = _fd_reader(last.bpf.funcs[FUNCTION.encode()].fd)
+        phases["alone"] = _cost_rounds(lab, settings, readers)
+        peer = stack.enter_context(Tcpstates())
+        (peer_prog,) = measure.programs_of(peer.pid)
+        readers["bcc tcpstates"] = lambda: measure.programs_of(peer.pid)[peer_prog]
+        phases["beside tcpstates"] = _cost_rounds(lab, settings, readers)
+    return {"programs": list(readers), "phases": phases}
+
+
+def _cost_rounds(lab: Lab, settings: Settings, readers: dict) -> dict:
+    rounds = []
+    for _ in range(settings.cost_rounds):
+        before = {name: read() for name, read in readers.items()}
+        churn = lab.churn(settings.churn_seconds)
+        after = {name: read() for name, read in readers.items()}
+        costs = {name: _ns_per_event(before[name], after[name]) for name in readers}
+        rounds.append({"ns": {name: ns for name, (ns, _) in costs.items()},
+                       "events": {name: runs for name, (_, runs) in costs.items()},
+                       "churn": churn})
+    return {"median_ns": {name: measure.median([r["ns"][name] for r in rounds])
+                          for name in readers},
+            "rounds": rounds}
+
+
+def _fd_reader(fd: int):
+    return lambda: measure.prog_stats_of_fd(fd)
+
+
+def rate_ratios(lab: Lab, settings: Settings, configs=RATE_CONFIGS) -> dict:
+    """Figures 1b and 7: the workload's connection rate under each
+    configuration, between two untraced runs (A B A B ... A): a round's
+    ratio is B over the mean of the A just before and just after it, which
+    cancels a slow drift of the machine's load."""
+    results: dict[str, list[dict]] = {}
+    for round_number in range(settings.rounds):
+        baseline = lab.churn(settings.churn_seconds)
+        for make in configs:
+            foreign = len(measure.tracepoint_programs())
+            with make() as config:
+                config.mark()
+                churn = lab.churn(settings.churn_seconds)
+                rss = measure.rss_bytes(config.pid) if config.pid else None
+                verified = config.verify(churn)
+            following = lab.churn(settings.churn_seconds)
+            untraced = (baseline["rate"] + following["rate"]) / 2
+            results.setdefault(config.name, []).append({
+                "round": round_number,
+                "baseline_rate": untraced, "rate": churn["rate"],
+                "ratio": churn["rate"] / untraced,
+                "transitions_per_s": churn["transitions"] / churn["seconds"],
+                "baseline_transitions_per_s": baseline["transitions"] / baseline["seconds"],
+                "other_programs_on_tracepoint": foreign,
+                "baseline_failed": baseline["failed"] + following["failed"],
+                "rss_bytes": rss, "verify": verified,
+            })
+            baseline = following
+    summary = {name: {"median_ratio": measure.median([r["ratio"] for r in rows]),
+                      "ratios": [r["ratio"] for r in rows],
+                      "median_rate": measure.median([r["rate"] for r in rows]),
+                      "median_baseline_rate": measure.median([r["baseline_rate"] for r in rows]),
+                      "all_verified": all(r["verify"]["ok"] is not False for r in rows)}
+               for name, rows in results.items()}
+    peer = results.get(Tcpstates.name)
+    if peer:
+        for name, rows in results.items():
+            summary[name]["median_ratio_to_tcpstates"] = measure.median(
+                [r["ratio"] / p["ratio"] for r, p in zip(rows, peer)])
+    return {"summary": summary, "rounds": results}
+
+
+def serve_cpu(lab: Lab, settings: Settings) -> dict:
+    """Figure 2: CPU time of the `tcpstate serve` process while the
+    workload runs at ~2 and ~200k transitions/s, scraped at an interval."""
+    results = {}
+    with Serve(SERVICE_PORTS) as serve:
+        for label, rate in (("2/s", RATE_2), ("200k/s", RATE_200K)):
+            serve.mark()
+            background = lab.churn_in_background(rate, seconds=settings.cpu_seconds)
+            started, cpu_before = time.monotonic(), measure.cpu_seconds(serve.pid)
+            scrapes = 0
+            while time.monotonic() - started + settings.scrape_interval <= settings.cpu_seconds:
+                time.sleep(settings.scrape_interval)
+                serve.exporter.scrape()
+                scrapes += 1
+            out, _ = background.communicate()
+            wall = time.monotonic() - started
+            cpu = measure.cpu_seconds(serve.pid) - cpu_before
+            churn = _last_json(out)
+            results[label] = {"cpu_seconds": cpu, "wall_seconds": wall,
+                              "percent_of_a_core": 100 * cpu / wall, "scrapes": scrapes,
+                              "transitions_per_s": churn["transitions"] / churn["seconds"],
+                              "verify": serve.verify(churn)}
+    return results
+
+
+def _last_json(text: str) -> dict:
+    import json
+
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def scrape_latency(lab: Lab, settings: Settings) -> dict:
+    """Figure 3: latency of GET /metrics with ten service ports labelled,
+    with no workload and while it churns at ~200k transitions/s; and the
+    series count."""
+    results = {}
+    with Serve(SERVICE_PORTS) as serve:
+        lab.churn(connections=1000)  # the workload's series exist after this
+        scraper = Scraper(serve.exporter.port)
+        try:
+            for label, rate in (("no workload", None), ("~200k transitions/s", RATE_200K)):
+                background = lab.churn_in_background(rate) if rate else None
+                try:
+                    times, body = [], ""
+                    for _ in range(settings.scrapes):
+                        elapsed, body = scraper.get()
+                        times.append(elapsed)
+                finally:
+                    if background:
+                        background.terminate()
+                        background.communicate()
+                results[label] = {
+                    "scrapes": len(times), "p50_ms": 1000 * measure.percentile(times, 0.5),
+                    "p99_ms": 1000 * measure.percentile(times, 0.99),
+                    "max_ms": 1000 * max(times),
+                    "collector_ms": _collector_ms(body)}
+        finally:
+            scraper.close()
+        lines = [line for line in body.splitlines() if line and not line.startswith("#")]
+        return {"by_workload": results, "series": len(lines),
+                "tcpstate_series": sum(1 for line in lines if line.startswith(m.PREFIX + "_")),
+                "rss_bytes": measure.rss_bytes(serve.pid)}
+
+
+def _collector_ms(body: str) -> dict[str, float]:
+    """tcpstate's own timing of its collector parts, from one scrape."""
+    scrape = Scrape.parse(body)
+    return {labels["collector"]: 1000 * scrape.value(m.SCRAPE_DURATION, **labels)
+            for labels in scrape.series(m.SCRAPE_DURATION)}
+
+
+def gauge_scaling(lab: Lab, settings: Settings) -> dict:
+    """Figure 4 (and the evictions of figure 1): scrape time of tcpstate's
+    per-state gauge and of node_exporter's tcpstat collector with many idle
+    connections open, same run; both gauges checked against the truth."""
+    hold_ports = [str(port) for port in range(CHURN_PORT, CHURN_PORT + HOLD_PORTS)]
+    results = {}
+    with Serve(SERVICE_PORTS) as serve, NodeExporter(lab) as node:
+        ours = Scraper(serve.exporter.port)
+        prog_id = next(iter(measure.programs_of(serve.pid)))
+        try:
+            for held in (0, *settings.held):
+                serve.mark()
+                with lab.holding(held) if held else contextlib.nullcontext(0.0) as opened:
+                    time.sleep(0.5)
+                    scrape = serve.exporter.scrape()
+                    counted = sum(scrape.total(m.SOCKETS, state="established",
+                                               **{m.PORT_LABEL: port}) for port in hold_ports)
+                    node_body = node.scraper.get()[1]
+                    node_counted = Scrape.parse(node_body).value(
+                        "node_tcp_connection_states", state="established")
+                    after = serve.counted(scrape)
+                    times = {"tcpstate": [], "node_exporter": []}
+                    for _ in range(settings.gauge_scrapes):
+                        times["tcpstate"].append(ours.get()[0])
+                        times["node_exporter"].append(node.scraper.get()[0])
+                    results[held] = {
+                        "sockets": 2 * held, "open_seconds": opened,
+                        "tcpstate_ms": 1000 * measure.median(times["tcpstate"]),
+                        "node_exporter_ms": 1000 * measure.median(times["node_exporter"]),
+                        "tcpstate_established": counted,
+                        "node_exporter_established": node_counted,
+                        "evictions": int(after["evictions"] - serve.before["evictions"]),
+                        "table_entries": scrape.total(m.SOCKET_TABLE_ENTRIES),
+                        "table_capacity": scrape.total(m.SOCKET_TABLE_CAPACITY),
+                        "serve_rss_bytes": measure.rss_bytes(serve.pid),
+                    }
+            maps = measure.map_memory(prog_id)
+        finally:
+            ours.close()
+    return {"by_connections": results, "bpf_maps_bytes": maps,
+            "bpf_maps_total_bytes": sum(maps.values())}
+
+
+def first_count(lab: Lab, settings: Settings) -> dict:
+    """Figure 6: seconds from starting `tcpstate serve` to the first scrape
+    that counts the workload's transitions (the workload runs meanwhile)."""
+    background = lab.churn_in_background(rate=200)
+    seconds = []
+    try:
+        for _ in range(settings.first_count_repeats):
+            started = time.monotonic()
+            with Exporter(service_ports=SERVICE_PORTS) as exporter:
+                while exporter.scrape().total(m.TRANSITIONS, **{m.PORT_LABEL: str(CHURN_PORT)}) == 0:
+                    time.sleep(0.02)
+                seconds.append(time.monotonic() - started)
+    finally:
+        background.terminate()
+        background.communicate()
+    return {"seconds": seconds, "median_seconds": measure.median(seconds)}
+
+
+def exact_count(lab: Lab, settings: Settings) -> dict:
+    """The foundation's check: after a churn of N connections every
+    transition is counted exactly, transition by transition."""
+    n = settings.exact_connections
+    port = {m.PORT_LABEL: str(CHURN_PORT)}
+
+    def by_transition(scrape: Scrape) -> Counter:
+        found = Counter()
+        for labels in scrape.series(m.TRANSITIONS):
+            if labels.get(m.PORT_LABEL) == str(CHURN_PORT):
+                found[(labels["old_state"], labels["new_state"])] += scrape.value(
+                    m.TRANSITIONS, **labels)
+        return found
+
+    with Serve(SERVICE_PORTS) as serve:
+        before_scrape = serve.exporter.scrape()
+        before = by_transition(before_scrape)
+        durations_before = before_scrape.value(
+            m.STATE_DURATION + "_count", family="ipv4", old_state="established",
+            new_state="close", **port)
+        serve.mark()
+        churn = lab.churn(connections=n)
+        after_scrape = serve.exporter.scrape()
+        verified = serve.verify(churn)
+    made, listeners = churn["connections"], churn["listeners"]
+    expected = Counter({("close", "syn_sent"): made, ("syn_sent", "established"): made,
+                        ("established", "close"): 2 * made, ("listen", "syn_recv"): made,
+                        ("syn_recv", "established"): made, ("close", "listen"): listeners,
+                        ("listen", "close"): listeners})
+    counted = by_transition(after_scrape) - before
+    counted = Counter({key: int(value) for key, value in counted.items() if value})
+    durations = after_scrape.value(
+        m.STATE_DURATION + "_count", family="ipv4", old_state="established",
+        new_state="close", **port) - durations_before
+    return {"connections": made, "seconds": churn["seconds"], "failed": churn["failed"],
+            "expected": {f"{a}->{b}": v for (a, b), v in expected.items()},
+            "counted": {f"{a}->{b}": v for (a, b), v in counted.items()},
+            "exact": counted == expected, "missed": verified["missed"],
+            "established_close_durations_observed": int(durations),
+            "ok": counted == expected and verified["ok"]}

@@ -1,0 +1,130 @@
+"""The benchmark's private network namespace and its workload, bench/churn.c.
+
+The namespace has only a loopback device; the workload's sockets are the
+only ones in it, so its gauges and node_exporter's view are exact there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+NS_PREFIX = "tcpstate-bench-"
+CHURN_PORT = 48000
+# Ten labelled service ports (figure 3); the churn and the held connections
+# use the first ones, so `port` labels isolate them from other activity.
+SERVICE_PORTS = tuple(range(CHURN_PORT, CHURN_PORT + 10))
+HOLD_PORTS = 4  # held connections spread over this many server ports
+
+HERE = Path(__file__).resolve().parent
+# Namespace settings: a listen backlog the churn never fills (a full queue
+# drops the handshake's last ACK and changes the transitions), and room for
+# 50k connections from one client address.
+SYSCTLS = {
+    "net.core.somaxconn": "65535",
+    "net.ipv4.tcp_max_syn_backlog": "65535",
+    "net.ipv4.ip_local_port_range": "1024 65000",
+    "net.ipv4.tcp_tw_reuse": "1",
+}
+
+
+def run(*command: str) -> str:
+    return subprocess.run(command, check=True, capture_output=True, text=True).stdout
+
+
+def build_churn(into: Path) -> Path:
+    binary = into / "churn"
+    run("gcc", "-O2", "-Wall", "-pthread", "-o", str(binary), str(HERE / "churn.c"))
+    return binary
+
+
+def remove_stale_namespaces() -> None:
+    """Namespaces a killed earlier run left behind."""
+    for name in os.listdir("/run/netns") if os.path.isdir("/run/netns") else ():
+        if name.startswith(NS_PREFIX):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+class Lab:
+    """The namespace and the churn binary; a context manager that removes both."""
+
+    def __init__(self) -> None:
+        self.namespace = f"{NS_PREFIX}{os.getpid()}"
+        self._build = tempfile.TemporaryDirectory(prefix="tcpstate-bench-")
+        self.churn_binary = build_churn(Path(self._build.name))
+
+    def __enter__(self) -> "Lab":
+        remove_stale_namespaces()
+        run("ip", "netns", "add", self.namespace)
+        try:
+            run("ip", "-n", self.namespace, "link", "set", "lo", "up")
+            for key, value in SYSCTLS.items():
+                self.exec("sysctl", "-qw", f"{key}={value}")
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        subprocess.run(["ip", "netns", "del", self.namespace], capture_output=True)
+        self._build.cleanup()
+
+    def command(self, *command: str) -> list[str]:
+        return ["ip", "netns", "exec", self.namespace, *command]
+
+    def exec(self, *command: str) -> str:
+        return run(*self.command(*command))
+
+    def churn(self, seconds: float | None = None, connections: int | None = None,
+              rate: float | None = None, clients: int = 2, servers: int = 2,
+              port: int = CHURN_PORT) -> dict:
+        """Run the churn to its end; its JSON report plus `transitions`, the
+        state changes the kernel must have reported for it."""
+        args = ["-t", str(clients), "-s", str(servers), "-p", str(port)]
+        if seconds:
+            args += ["-d", str(seconds)]
+        if connections:
+            args += ["-n", str(connections)]
+        if rate:
+            args += ["-r", str(rate)]
+        done = subprocess.run(self.command(str(self.churn_binary), *args),
+                              capture_output=True, text=True)
+        if done.returncode not in (0, 3):  # 3: some connects failed, reported
+            raise RuntimeError(f"churn failed: {done.stderr.strip()}")
+        return json.loads(done.stdout)
+
+    def churn_in_background(self, rate: float, port: int = CHURN_PORT,
+                            seconds: float = 3600) -> subprocess.Popen:
+        return subprocess.Popen(
+            self.command(str(self.churn_binary), "-t", "1", "-s", "1", "-p", str(port),
+                         "-r", str(rate), "-d", str(seconds)),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    @contextlib.contextmanager
+    def holding(self, connections: int, port: int = CHURN_PORT) -> Iterator[float]:
+        """Hold `connections` idle connections (two sockets each) open over
+        HOLD_PORTS server ports; yields the seconds it took to open them."""
+        process = subprocess.Popen(
+            self.command(str(self.churn_binary), "-H", str(connections), "-p", str(port),
+                         "-P", str(HOLD_PORTS)),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            line = process.stdout.readline().split()
+            if not line or line[0] != "ready":
+                raise RuntimeError(f"churn -H failed: {process.stderr.read().strip()}")
+            yield float(line[2])
+        finally:
+            process.stdin.close()
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

@@ -1,0 +1,235 @@
+"""Renders bench results as the Markdown tables of BENCHMARKS.md and SVG
+plots; collects the correctness checks that failed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .figures import ALL_FEATURES
+from .svg import bar_chart
+
+MIB = 1024 * 1024
+TARGET_NS = 150
+TARGET_RATIO = 0.95
+TARGET_CPU_PERCENT = 1.0
+TARGET_P99_MS = 50
+TARGET_EVICTIONS = 0.01
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def render(results: dict, out: Path) -> tuple[str, list[str]]:
+    figures = results["figures"]
+    machine = results["machine"]
+    lines = [f"Command: `{results['command']}`; date: {results['date']}; machine: "
+             f"{machine['cpus']} x {machine['cpu']}, {machine['os']}, kernel {machine['kernel']}; "
+             f"load average before/after: {results['load_average_before']} / "
+             f"{results['load_average_after']}; took {results['seconds']:.0f} s.", ""]
+    failures: list[str] = []
+    for name, render_figure in RENDERERS:
+        if name in figures:
+            lines += render_figure(figures[name], figures, out, failures) + [""]
+    return "\n".join(lines), failures
+
+
+def _kernel_cost(data: dict, figures: dict, out: Path, failures: list[str]) -> list[str]:
+    alone = data["phases"]["alone"]
+    beside = data["phases"]["beside tcpstates"]
+    all_features = alone["median_ns"][ALL_FEATURES]
+    lines = ["### 1. Kernel cost per event (run_time_ns / run_cnt, all programs on the "
+             "same events)", "",
+             "| program | ns/event, ours alone (median) | per round | ns/event beside tcpstates "
+             "(median) | per round |", "|---|---:|---|---:|---|"]
+    for name in data["programs"]:
+        cells = []
+        for phase in (alone, beside):
+            if name in phase["median_ns"]:
+                rounds = ", ".join(f"{r['ns'][name]:.0f}" for r in phase["rounds"])
+                cells += [f"{phase['median_ns'][name]:.0f}", rounds]
+            else:
+                cells += ["", ""]
+        lines.append(f"| {name} | {' | '.join(cells)} |")
+    events = [r["events"]["counters only"] for r in alone["rounds"] + beside["rounds"]]
+    lines += ["", f"Events per round: {', '.join(f'{e:,}' for e in events)}. Target <= "
+              f"{TARGET_NS} ns with every feature on: {all_features:.0f} ns, "
+              f"{_met(all_features <= TARGET_NS)}."]
+    bars = [(name, alone["median_ns"][name]) for name in data["programs"]
+            if name in alone["median_ns"]]
+    bars.append(("bcc tcpstates", beside["median_ns"]["bcc tcpstates"]))
+    bar_chart(out / "kernel_cost.svg", "Kernel cost per TCP state change (ns)", bars, "ns",
+              TARGET_NS, cap=2 * max(value for name, value in bars if "tcpstates" not in name))
+    lines.append("\n![kernel cost](bench/results/kernel_cost.svg)")
+    gauge = figures.get("gauge", {}).get("by_connections", {})
+    biggest = max(gauge, key=int, default=None)
+    if biggest:
+        row = gauge[biggest]
+        share = row["evictions"] / max(row["sockets"], 1)
+        lines.append(f"\nSocket-table evictions with {row['sockets']:,} live sockets, default "
+                     f"table ({row['table_capacity']:,.0f} entries): {row['evictions']} "
+                     f"({100 * share:.3f}%; target < 1%: {_met(share < TARGET_EVICTIONS)}).")
+    return lines
+
+
+def _rates(data: dict, figures: dict, out: Path, failures: list[str]) -> list[str]:
+    summary = data["summary"]
+    lines = ["### 1b / 7. Workload connection rate under each configuration, as a ratio to "
+             "the untraced run just before it", "",
+             "| configuration | ratio (median) | per round | connections/s (median) | "
+             "untraced connections/s | ratio to tcpstates | checked |",
+             "|---|---:|---|---:|---:|---:|---|"]
+    for name, row in summary.items():
+        rounds = data["rounds"][name]
+        checks = [r["verify"] for r in rounds]
+        lines.append(
+            f"| {name} | {row['median_ratio']:.3f} | "
+            f"{', '.join(f'{x:.2f}' for x in row['ratios'])} | {row['median_rate']:,.0f} | "
+            f"{row['median_baseline_rate']:,.0f} | "
+            f"{row.get('median_ratio_to_tcpstates', float('nan')):.2f} | {_checks(checks)} |")
+        for round_number, check in enumerate(checks):
+            if check["ok"] is False:
+                failures.append(f"{name}, round {round_number}: {check}")
+    baseline = [r["baseline_transitions_per_s"] for rows in data["rounds"].values()
+                for r in rows]
+    others = sorted({r["other_programs_on_tracepoint"] for rows in data["rounds"].values()
+                     for r in rows})
+    lines += ["", f"Untraced workload: {min(baseline):,.0f} to {max(baseline):,.0f} "
+              f"transitions/s. Programs of other processes on the tracepoint during the "
+              f"runs: {', '.join(map(str, others))}."]
+    for name in ("tcpstate serve", "tcpstate serve --service-ports"):
+        if name in summary:
+            ratio = summary[name]["median_ratio"]
+            lines.append(f"Target >= {TARGET_RATIO} for `{name}`: {ratio:.3f}, "
+                         f"{_met(ratio >= TARGET_RATIO)}.")
+    bar_chart(out / "rates.svg", "Connection rate, ratio to untraced (same round)",
+              [(name, row["median_ratio"]) for name, row in summary.items()], "",
+              TARGET_RATIO)
+    lines.append("\n![rate ratios](bench/results/rates.svg)")
+    return lines
+
+
+def _checks(checks: list[dict]) -> str:
+    parts = []
+    for check in checks:
+        if check["ok"] is None:
+            parts.append("nothing claimed")
+        elif "counted" in check:
+            relation = "=" if check.get("exact") else ">="
+            parts.append(f"{check['counted']:,} {relation} {check['expected']:,}, "
+                         f"missed {check['missed']}" + ("" if check["ok"] else " FAILED"))
+        elif "printed" in check:
+            parts.append(f"printed {check['printed']:,} + lost {check['lost']:,} "
+                         f"(workload {check['expected']:,})" + ("" if check["ok"] else " FAILED"))
+        else:
+            parts.append("ok" if check["ok"] else f"FAILED {check}")
+    return "; ".join(parts)
+
+
+def _serve_cpu(data: dict, figures: dict, out: Path, failures: list[str]) -> list[str]:
+    lines = ["### 2. CPU of the `tcpstate serve` process during the churn", "",
+             "| workload | transitions/s | CPU (% of one core) | scrapes | counted |",
+             "|---|---:|---:|---:|---|"]
+    for label, row in data.items():
+        lines.append(f"| {label} | {row['transitions_per_s']:,.0f} | "
+                     f"{row['percent_of_a_core']:.2f} | {row['scrapes']} | "
+                     f"{_checks([row['verify']])} |")
+        if row["verify"]["ok"] is False:
+            failures.append(f"serve CPU at {label}: {row['verify']}")
+    worst = max(row["percent_of_a_core"] for row in data.values())
+    lines.append(f"\nTarget <= {TARGET_CPU_PERCENT}% at both rates: {_met(worst <= TARGET_CPU_PERCENT)}.")
+    bar_chart(out / "serve_cpu.svg", "CPU of tcpstate serve (% of one core)",
+              [(f"{label} transitions", row["percent_of_a_core"]) for label, row in data.items()],
+              "%", TARGET_CPU_PERCENT)
+    lines.append("\n![serve CPU](bench/results/serve_cpu.svg)")
+    return lines
+
+
+def _scrape_latency(data: dict, figures: dict, out: Path, failures: list[str]) -> list[str]:
+    lines = ["### 3. Scrape latency of /metrics, 10 service ports labelled", "",
+             f"{data['series']} series, {data['tcpstate_series']} of them tcpstate_*.", "",
+             "| workload | scrapes | p50 | p99 | max | collector parts (one scrape) |",
+             "|---|---:|---:|---:|---:|---|"]
+    for label, row in data["by_workload"].items():
+        parts = ", ".join(f"{name} {ms:.1f} ms" for name, ms in row["collector_ms"].items())
+        lines.append(f"| {label} | {row['scrapes']} | {row['p50_ms']:.1f} ms | "
+                     f"{row['p99_ms']:.1f} ms | {row['max_ms']:.1f} ms | {parts} |")
+    idle = data["by_workload"]["no workload"]["p99_ms"]
+    lines += ["", f"Target p99 < {TARGET_P99_MS} ms (no workload): {idle:.1f} ms, "
+              f"{_met(idle < TARGET_P99_MS)}."]
+    return lines
+
+
+def _gauge(data: dict, figures: dict, out: Path, failures: list[str]) -> list[str]:
+    rows = data["by_connections"]
+    lines = ["### 4. Per-state gauge: scrape time against open sockets", "",
+             "| open sockets | tcpstate scrape (median) | node_exporter tcpstat scrape (median) "
+             "| established: tcpstate / node_exporter / truth |", "|---:|---:|---:|---|"]
+    bars = []
+    for held, row in sorted(rows.items(), key=lambda item: int(item[0])):
+        truth = row["sockets"]
+        lines.append(f"| {truth:,} | {row['tcpstate_ms']:.1f} ms | {row['node_exporter_ms']:.1f} ms"
+                     f" | {row['tcpstate_established']:,.0f} / "
+                     f"{row['node_exporter_established']:,.0f} / {truth:,} |")
+        if row["tcpstate_established"] != truth:
+            failures.append(f"tcpstate's established gauge {row['tcpstate_established']} "
+                            f"!= {truth} open sockets")
+        bars += [(f"tcpstate, {truth:,} sockets", row["tcpstate_ms"]),
+                 (f"node_exporter, {truth:,} sockets", row["node_exporter_ms"])]
+    bar_chart(out / "gauge.svg", "Scrape time of the per-state gauge (ms)", bars, "ms")
+    lines.append("\nnode_exporter runs inside the workload's namespace, so its count includes "
+                 "the two sockets of its own scrape connection; tcpstate counts the held "
+                 "connections' service ports only.")
+    lines.append("\n![gauge scrape time](bench/results/gauge.svg)")
+    return lines
+
+
+def _memory(data: dict, figures: dict, out: Path, failures: list[str]) -> list[str]:
+    rows = data["by_connections"]
+    serve_rss = max(row["serve_rss_bytes"] for row in rows.values())
+    peer = figures.get("rates", {}).get("rounds", {}).get("bcc tcpstates", [])
+    peer_rss = max((r["rss_bytes"] for r in peer), default=0)
+    lines = ["### 5. Memory at the default socket-table size", "",
+             "| what | bytes |", "|---|---:|",
+             f"| `tcpstate serve` RSS (most seen) | {serve_rss / MIB:.1f} MiB |"]
+    if peer_rss:
+        lines.append(f"| bcc tcpstates RSS | {peer_rss / MIB:.1f} MiB |")
+    lines.append(f"| BPF maps of `tcpstate serve` (bpftool bytes_memlock) | "
+                 f"{data['bpf_maps_total_bytes'] / MIB:.1f} MiB |")
+    for name, size in sorted(data["bpf_maps_bytes"].items(), key=lambda item: -item[1]):
+        lines.append(f"| &nbsp;&nbsp;map {name} | {size / MIB:.2f} MiB |")
+    return lines
+
+
+def _first_count(data: dict, figures: dict, out: Path, failures: list[str]) -> list[str]:
+    return ["### 6. From start to the first scrape that counts events", "",
+            f"Median {data['median_seconds']:.2f} s (runs: "
+            f"{', '.join(f'{s:.2f}' for s in data['seconds'])} s), from starting the process "
+            "(bcc compiles the program) to a scrape with the workload's transitions in it."]
+
+
+def _exact(data: dict, figures: dict, out: Path, failures: list[str]) -> list[str]:
+    if not data["ok"]:
+        failures.append(f"exact count: {data}")
+    lines = [f"### Exact counts after {data['connections']:,} connections "
+             f"({data['seconds']:.1f} s, {data['failed']} failed connects)", "",
+             "| transition | expected | counted |", "|---|---:|---:|"]
+    for key in sorted(set(data["expected"]) | set(data["counted"])):
+        lines.append(f"| {key} | {data['expected'].get(key, 0):,} | "
+                     f"{data['counted'].get(key, 0):,} |")
+    lines += ["", f"Exact: {'yes' if data['exact'] else 'NO'}; missed events "
+              f"{data['missed']}; established->close durations observed: "
+              f"{data['established_close_durations_observed']:,}."]
+    return lines
+
+
+RENDERERS = (
+    ("kernel_cost", _kernel_cost),
+    ("rates", _rates),
+    ("serve_cpu", _serve_cpu),
+    ("scrape_latency", _scrape_latency),
+    ("gauge", _gauge),
+    ("gauge", _memory),
+    ("first_count", _first_count),
+    ("exact", _exact),
+)
