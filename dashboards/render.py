@@ -32,6 +32,8 @@ matplotlib.use("Agg")  # no display: files only
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 
+from tracer.cli import _Parser as OneLineErrorParser  # noqa: E402
+
 from .promapi import PrometheusAPI, PromQLError  # noqa: E402
 from .promql import panels, substitute  # noqa: E402
 
@@ -418,8 +420,8 @@ def default_variables(dashboard: dict, api: PrometheusAPI, given: dict[str, str]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dashboards.render",
-                                     description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(prog="python -m dashboards.render",
+                                description=__doc__.splitlines()[0])
     parser.add_argument("--prometheus", required=True, metavar="URL",
                         help="base URL of a Prometheus, e.g. http://127.0.0.1:9090")
     parser.add_argument("--dashboard", required=True, type=Path, help="dashboard JSON file")

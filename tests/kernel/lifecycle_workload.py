@@ -1,15 +1,18 @@
 """Connections for the dashboard tests that stay open or take long: the
-CLOSE_WAIT leak a dashboard must show, and a handshake slowed by a lost SYN.
-Everything happens inside a netlab.Lab, on the port the caller owns."""
+CLOSE_WAIT leak a dashboard must show, a handshake slowed by a lost SYN,
+and a varying load for the committed preview. Everything happens inside a
+netlab.Lab, on the port the caller owns."""
 
 from __future__ import annotations
 
 import errno
+import math
 import select
 import socket
 import time
 
 from .netlab import Lab, wait_for
+from .workload import client_closes_first, refused, reset
 
 
 def hold_close_wait(lab: Lab, listener: socket.socket, family: int, port: int,
@@ -45,3 +48,26 @@ def slow_handshake(lab: Lab, family: int, port: int) -> list[socket.socket]:
         client.setblocking(True)
         server, _ = listener.accept()
     return [first, first_accepted, client, server]
+
+
+def churn(lab: Lab, port: int, seconds: float) -> list[socket.socket]:
+    """A load that varies over `seconds`, for the dashboard preview: waves of
+    successful connections, refusals, resets, an occasional connect slowed
+    by a lost SYN, and a slow CLOSE_WAIT leak. Returns the sockets it holds."""
+    held: list[socket.socket] = []
+    deadline = time.monotonic() + seconds
+    tick = 0
+    while time.monotonic() < deadline:
+        wave = 1 + math.sin(tick / 8)
+        client_closes_first(lab, socket.AF_INET, port, 4 + int(12 * wave))
+        refused(lab, socket.AF_INET, port, 1 + int(2 * wave) * (tick % 3 == 0))
+        if tick % 5 == 0:
+            reset(lab, socket.AF_INET6, port, 2)
+        if tick % 12 == 6:
+            held += slow_handshake(lab, socket.AF_INET, port)
+        if tick % 4 == 0:
+            with lab.listener(socket.AF_INET, port) as listener:
+                held += hold_close_wait(lab, listener, socket.AF_INET, port, 1)
+        tick += 1
+        time.sleep(0.3)
+    return held

@@ -24,17 +24,21 @@ from dashboards.promql import panel_queries, panels, substitute
 from tracer import metrics as m
 
 from .exporter import Exporter
-from .lifecycle_workload import hold_close_wait, slow_handshake
+from .lifecycle_workload import churn, hold_close_wait, slow_handshake
 from .netlab import Lab
 from .prometheus_server import JOB, PrometheusServer
 from .workload import client_closes_first, refused, reset, server_closes_first
 
 PORT = 47201   # the workload's service port
 IDLE = 47202   # labelled too, never used: its series must exist at 0
+CHURN = 47203  # the preview's varying load (only with TCPSTATE_WRITE_PREVIEW)
 INSTANCE = "node-1"
 DASHBOARDS = {uid: json.loads((generate.HERE / f"{uid}.json").read_text())
               for uid in (generate.OVERVIEW_UID, generate.HEALTH_UID, generate.FLEET_UID)}
 PREVIEW = generate.HERE / "preview" / "tcpstate-overview.png"
+# TCPSTATE_WRITE_PREVIEW=SECONDS: run a varying load that long first, and
+# write the rendered overview to PREVIEW (how the committed preview is made)
+PREVIEW_SECONDS = float(os.environ.get("TCPSTATE_WRITE_PREVIEW") or 0)
 
 # What the workload does on PORT (each connection counted at both ends
 # where both ends have PORT as local or remote port)
@@ -56,7 +60,7 @@ def sum_of(result: list[dict]) -> float:
 
 @pytest.fixture(scope="module")
 def stack():
-    exporter = Exporter(service_ports=(PORT, IDLE))
+    exporter = Exporter(service_ports=(PORT, IDLE, CHURN))
     prometheus = PrometheusServer({INSTANCE: f"127.0.0.1:{exporter.port}"},
                                   rule_files=[generate.RULES_FILE])
     held: list[socket.socket] = []
@@ -68,6 +72,8 @@ def stack():
         prometheus.wait_for(f'{m.TRANSITIONS}{{instance="{INSTANCE}", port="{PORT}"}}')
         start = time.time()
         with Lab() as lab:
+            if PREVIEW_SECONDS:
+                held += churn(lab, CHURN, PREVIEW_SECONDS)
             client_closes_first(lab, socket.AF_INET, PORT, 10)
             time.sleep(1.5)  # a scrape between rounds: histograms get a rise too
             server_closes_first(lab, socket.AF_INET6, PORT, 10)
@@ -208,9 +214,9 @@ def test_renderer_draws_every_panel(stack, tmp_path):
     assert len(drawn) == sum(1 for p in panels(board) if p["type"] != "row")
     for image in drawn + [sheet]:
         assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and image.stat().st_size > 5000
-    if os.environ.get("TCPSTATE_WRITE_PREVIEW"):  # how the committed preview is made
-        PREVIEW.parent.mkdir(exist_ok=True)
-        PREVIEW.write_bytes(sheet.read_bytes())
+    if PREVIEW_SECONDS:  # this test's ports only (the host is shared), smoother rates
+        assert render.main(args[:4] + ["--sheet", str(PREVIEW)] + args[8:] + [
+            "--var", f"port=({PORT}|{CHURN})", "--var", "__rate_interval=10s"]) == 0
 
 
 def test_renderer_reports_a_failing_query(stack, tmp_path, capsys):
