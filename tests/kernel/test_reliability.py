@@ -386,6 +386,7 @@ def test_long_mixed_churn_keeps_memory_flat_and_the_gauge_returns(lab):
                 client = lab.connect(af, lingering)
                 server, _ = listeners[family].accept()
                 client.close()
+                assert server.recv(1) == b""  # the FIN arrived (and was acked)
                 held.append(server)
             expected[(lingering, family)] += times(10, CONNECT, ACCEPT, ACTIVE_CLOSE,
                                                    PASSIVE_CLOSE)
@@ -398,13 +399,25 @@ def test_long_mixed_churn_keeps_memory_flat_and_the_gauge_returns(lab):
         for listener in listeners.values():
             listener.close()
 
-        for (port, family), want in expected.items():
-            base = transitions_of(start, family, port)
-            assert wait_for(lambda: delta(transitions_of(exporter.scrape(), family, port), base)
-                            == want, timeout=20), (port, family)
-        for (port, family), was in start_gauges.items():
-            assert wait_for(lambda: gauge(exporter.scrape(), port, family) == was,
-                            timeout=20), (port, family)
+        def shortfall() -> tuple[int, int, int]:
+            """(transitions caused but not counted, live sockets off their
+            starting count, events the kernel skipped our program for)."""
+            now = exporter.scrape()
+            missing = 0
+            for (port, family), want in expected.items():
+                got = delta(transitions_of(now, family, port), transitions_of(start, family, port))
+                assert not got - want, (port, family, got - want)  # never more than caused
+                missing += sum((want - got).values())
+            off = sum(sum(((gauge(now, p, f) - was) + (was - gauge(now, p, f))).values())
+                      for (p, f), was in start_gauges.items())
+            return missing, off, int(now.value(m.MISSED_EVENTS) - start.value(m.MISSED_EVENTS))
+
+        # Exact, unless the kernel skipped the program (a BPF program of
+        # anyone's already running on that CPU when a softirq transition
+        # came): then the shortfall is at most the skips, which are exported.
+        wait_for(lambda: shortfall()[:2] == (0, 0), timeout=20)
+        missing, off, missed = shortfall()
+        assert missing <= missed and off <= missed, (missing, off, missed)
         rss.append((time.monotonic() - began, rss_kib(exporter.process.pid)))
 
     # Memory after the first fifth of the run (imports, first scrapes and
@@ -414,5 +427,6 @@ def test_long_mixed_churn_keeps_memory_flat_and_the_gauge_returns(lab):
     print(f"\nsoak: {seconds:.0f} s, {rounds} rounds, "
           f"{sum(sum(c.values()) for c in expected.values())} transitions; RSS "
           f"{rss[0][1]} KiB at start, {settled} KiB settled, {rss[-1][1]} KiB at end "
-          f"({growth:+d} KiB)")
+          f"({growth:+d} KiB); {missing} transitions uncounted, gauge off by {off}, "
+          f"{missed} events skipped by the kernel")
     assert growth < 4096, rss
