@@ -29,6 +29,7 @@ from tracer.states import FAMILIES, SIDES, STATES
 from tracer.collector import BUCKET_LABELS
 
 from ..unit.pki import make_pki
+from ..unit.test_series_bound import real_bound
 from .exporter import Exporter, Scrape, free_port, prog_ids_of
 from .netlab import ADDRESSES, wait_for
 from .test_serve import delta, transitions_of
@@ -237,5 +238,6 @@ def test_exposes_only_bounded_labels_no_addresses_no_process_names(lab):
     assert "127.0.0.1" not in text and f'"{os.getpid()}"' not in text
     with open(f"/proc/{os.getpid()}/comm") as comm:
         assert f'"{comm.read().strip()}"' not in text
+    assert len(scrape) <= real_bound(len(ports))
     build = scrape.series(m.BUILD_INFO)
     assert len(build) == 1 and build[0]["kernel"] == os.uname().release
