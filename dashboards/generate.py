@@ -171,6 +171,11 @@ def state_table() -> table.Panel:
                          "tcpConnState code and Linux kernel code (tcpstate_state_info).")
             .datasource(DATASOURCE).span(8).height(10)
             .with_target(query(expr, instant=True, fmt=PromQueryFormat.TABLE))
+            # labels are strings: make the codes numbers, so that 10 sorts after 9
+            .with_transformation(dm.DataTransformerConfig(id_val="convertFieldType", options={
+                "conversions": [{"targetField": field, "destinationType": "number"}
+                                for field in ("mib_code", "kernel_code")],
+                "fields": {}}))
             .with_transformation(organize(
                 {"rfc793_name": "RFC 793", "mib_code": "TCP-MIB", "kernel_code": "kernel",
                  "state": "state", "Value": "sockets"},

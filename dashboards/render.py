@@ -98,14 +98,13 @@ def panel_unit(panel: dict) -> str:
     return panel.get("fieldConfig", {}).get("defaults", {}).get("unit", "short")
 
 
-def renames(panel: dict) -> tuple[dict[str, str], set[str]]:
-    """The organize transformation's renames and excluded fields."""
+def organize_options(panel: dict) -> dict:
+    """The options of the panel's organize transformation (renames,
+    excluded fields, column order), {} without one."""
     for transform in panel.get("transformations", []):
         if transform["id"] == "organize":
-            options = transform["options"]
-            excluded = {k for k, v in options.get("excludeByName", {}).items() if v}
-            return options.get("renameByName", {}), excluded
-    return {}, set()
+            return transform["options"]
+    return {}
 
 
 # ---- queries ------------------------------------------------------------------------------
@@ -214,49 +213,61 @@ def draw_heatmap(ax: Axes, panel: dict, ctx: Context) -> None:
     plt.colorbar(image, ax=ax, pad=0.01).ax.tick_params(labelsize=5)
 
 
+def numeric_fields(panel: dict) -> list[str]:
+    """Fields a convertFieldType transformation makes numbers."""
+    return [conversion["targetField"]
+            for transform in panel.get("transformations", []) if transform["id"] == "convertFieldType"
+            for conversion in transform["options"].get("conversions", [])
+            if conversion.get("destinationType") == "number"]
+
+
 def table_rows(panel: dict, ctx: Context) -> tuple[list[str], list[list[str]]]:
-    """Rows of a table panel: several queries are merged on their labels
-    (Grafana's merge transformation), columns renamed as organize says."""
-    rename, excluded = renames(panel)
-    merged: dict[tuple, dict[str, str]] = {}
-    value_columns = []
+    """Header and rows of a table panel: several queries are merged on their
+    labels (Grafana's merge transformation), columns renamed, dropped and
+    ordered as the organize transformation says, rows sorted as sortBy says."""
+    options = organize_options(panel)
+    rename = options.get("renameByName", {})
+    excluded = {k for k, v in options.get("excludeByName", {}).items() if v}
+    order = options.get("indexByName", {})
     results = run_queries(panel, ctx, instant=True)
-    many = len(results) > 1
-    unit_of = overrides(panel, "unit")
+    merged: dict[tuple, dict[str, object]] = {}
+    value_columns = []
     for target, result in results:
-        column = f"Value #{target['refId']}" if many else "Value"
+        column = f"Value #{target['refId']}" if len(results) > 1 else "Value"
         value_columns.append(column)
         for series in result:
             labels = {k: v for k, v in series["metric"].items() if k != "__name__"}
             row = merged.setdefault(tuple(sorted(labels.items())), dict(labels))
-            name = rename.get(column, column)
-            row[column] = format_value(float(series["value"][1]),
-                                       unit_of.get(name, panel_unit(panel)))
+            row[column] = float(series["value"][1])
+    for column in numeric_fields(panel):  # Grafana's convertFieldType
+        for row in merged.values():
+            if column in row:
+                row[column] = float(row[column]) if row[column] != "" else ""
     label_columns = sorted({k for row in merged.values() for k in row} - set(value_columns))
-    order = panel_order(panel)
     columns = sorted([c for c in label_columns + value_columns if c not in excluded],
                      key=lambda c: order.get(c, len(order) + (c in value_columns)))
-    rows = [[row.get(c, "") for c in columns] for row in merged.values()]
-    return [rename.get(c, c) for c in columns], sort_rows(rows, [rename.get(c, c) for c in columns], panel)
+    header = [rename.get(c, c) for c in columns]
+    rows = sort_rows([[row.get(c, "") for c in columns] for row in merged.values()], header, panel)
+    units = overrides(panel, "unit")
+
+    def cell(value: object, name: str) -> str:
+        if isinstance(value, float):
+            return format_value(value, units.get(name, panel_unit(panel)))
+        return str(value)
+    return header, [[cell(value, name) for value, name in zip(row, header)] for row in rows]
 
 
-def panel_order(panel: dict) -> dict[str, int]:
-    for transform in panel.get("transformations", []):
-        if transform["id"] == "organize":
-            return transform["options"].get("indexByName", {})
-    return {}
-
-
-def sort_rows(rows: list[list[str]], header: list[str], panel: dict) -> list[list[str]]:
+def sort_rows(rows: list[list], header: list[str], panel: dict) -> list[list]:
+    """Sorted by the panel's sortBy column: numbers by value, then text."""
     sort_by = panel.get("options", {}).get("sortBy") or []
-    if sort_by and sort_by[0].get("displayName") in header:
-        index = header.index(sort_by[0]["displayName"])
+    if not sort_by or sort_by[0].get("displayName") not in header:
+        return rows
+    index = header.index(sort_by[0]["displayName"])
 
-        def key(row: list[str]):
-            number = re.match(r"-?[\d.]+(?:e-?\d+)?", row[index])
-            return (0, float(number.group())) if number else (1, row[index])
-        return sorted(rows, key=key, reverse=bool(sort_by[0].get("desc")))
-    return rows
+    def key(row: list) -> tuple:
+        value = row[index]
+        return (0, value, "") if isinstance(value, float) else (1, 0.0, str(value))
+    return sorted(rows, key=key, reverse=bool(sort_by[0].get("desc")))
 
 
 def draw_table(ax: Axes, panel: dict, ctx: Context) -> None:
@@ -283,7 +294,7 @@ def draw_stat(ax: Axes, panel: dict, ctx: Context) -> None:
 def draw_node_graph(ax: Axes, panel: dict, ctx: Context) -> None:
     """States as nodes at their RFC 793 places, transitions as arrows whose
     width follows the rate; a transition at 0/s is a thin grey arrow."""
-    rename, _ = renames(panel)
+    rename = organize_options(panel).get("renameByName", {})
     frames = {target["refId"]: [{rename.get(k, k): v for k, v in
                                  {**s["metric"], "Value": s["value"][1]}.items()}
                                 for s in result]
