@@ -67,14 +67,6 @@ def _fixed(texts: list[str], width: int, align: str = "<") -> np.ndarray:
     return np.frombuffer(joined.encode("ascii", "replace"), np.uint8).reshape(len(texts), width)
 
 
-def _lookup(table: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """Rows of a byte matrix by index: numpy's take is several times faster
-    on one fixed-size item per row than on a 2-D array."""
-    width = table.shape[1]
-    items = np.ascontiguousarray(table).view(f"V{width}").ravel()
-    return np.take(items, index).view(np.uint8).reshape(len(index), width)
-
-
 # Numbers are cut into groups of three digits: one division and one table
 # look-up per group, not one division per digit. Rows 0-999 are "000"-"999"
 # (inner groups), rows 1000-1999 "  0"-"999" (the leading group), row 2000
@@ -83,6 +75,7 @@ _TRIPLES = _fixed([f"{i:03d}" for i in range(1000)], 3)
 _GROUPS = np.concatenate([_TRIPLES, _fixed([str(i) for i in range(1000)], 3, ">"),
                           _fixed([""], 3)])
 _LEADING, _BLANK = 1000, 2000
+_GROUP_CELLS = np.ascontiguousarray(_GROUPS).view("V3").ravel()
 
 
 def _digits(values: np.ndarray, width: int) -> np.ndarray:
@@ -104,7 +97,7 @@ def _digits(values: np.ndarray, width: int) -> np.ndarray:
         else:
             index = np.where(higher > 0, triple,
                              np.where(triple > 0, triple + _LEADING, _BLANK))
-        cells[:] = _lookup(_GROUPS, index)
+        cells[:] = _GROUP_CELLS[index].view(np.uint8).reshape(-1, 3)
         remaining = higher
     return out[:, 3 * groups - width:]
 
@@ -134,13 +127,15 @@ def _distinct_rows(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 class _Distinct:
     """A column whose values repeat (addresses, process names, pids): each
-    distinct value is rendered once, and remembered across batches."""
+    distinct value is rendered once, and remembered across batches. A cell
+    is `width` bytes: the text, cut to leave room for one space after it."""
 
-    def __init__(self, width: int, render: Callable[..., str], align: str = "<"):
-        self.width, self.render, self.align = width, render, align
+    def __init__(self, width: int, render: Callable[..., str]):
+        self.width, self.render = width, render
         self._cells: dict[tuple[int, ...], np.ndarray] = {}
 
     def __call__(self, words: np.ndarray) -> np.ndarray:
+        """The cells of each row, as items of `width` bytes."""
         first, inverse = _distinct_rows(words)
         table = np.empty((len(first), self.width), np.uint8)
         for row, key in enumerate(map(tuple, words[first].tolist())):
@@ -148,10 +143,10 @@ class _Distinct:
             if cells is None:
                 if len(self._cells) >= 65536:
                     self._cells.clear()
-                cells = self._cells[key] = _fixed([self.render(*key)], self.width,
-                                                  self.align)[0]
+                text = self.render(*key)[:self.width - 1]
+                cells = self._cells[key] = _fixed([text], self.width)[0]
             table[row] = cells
-        return _lookup(table, inverse)
+        return np.take(_cells(table), inverse)
 
 
 def _address_text(family: int, high: int, low: int) -> str:
@@ -168,12 +163,34 @@ def comm_text(raw: bytes) -> str:
 def _owner_text(pid: int, first: int, second: int) -> str:
     """The PID and COMM columns; "-" where the owner is not known."""
     comm = comm_text(first.to_bytes(8, "little") + second.to_bytes(8, "little"))
-    return f"{pid or '-':>7} {comm if pid else '-'}"
+    return f"{pid or '-':>7} {comm[:15] if pid else '-'}"
+
+
+class _Table:
+    """A byte matrix looked up by row: numpy's take is several times faster
+    on one fixed-size item per row than on the rows of a 2-D array."""
+
+    def __init__(self, rows: np.ndarray):
+        self.width = rows.shape[1]
+        self.items = np.ascontiguousarray(rows).view(f"V{self.width}").ravel()
+
+    def __getitem__(self, index: np.ndarray) -> np.ndarray:
+        return np.take(self.items, index)
+
+
+def _cells(rows: np.ndarray) -> np.ndarray:
+    """An (n, width) byte matrix as n items of `width` bytes."""
+    return np.ascontiguousarray(rows).view(f"V{rows.shape[1]}").ravel()
 
 
 class TextFormat:
     """Aligned columns: IPv4 and IPv6 share the address columns, which are
-    as wide as the widest address the selected families can have."""
+    as wide as the widest address the selected families can have.
+
+    A line is a numpy record whose fields are the columns, each cell with
+    its separator (a space, the last one a newline): a batch is laid out by
+    assigning whole columns of cells, from tables indexed by value where
+    the values repeat or are few."""
 
     def __init__(self, clock: WallClock, ipv4_only: bool = False):
         self.clock = clock
@@ -184,20 +201,22 @@ class TextFormat:
             ("RADDR", self.address_width, "<"), ("RPORT", 5, ">"),
             (f"{'OLDSTATE':<12} -> NEWSTATE", 28, "<"), ("MS", 14, ">"),
         )
-        self.starts = []
-        at = 0
-        for _, width, _ in self.columns:
-            self.starts.append(at)
-            at += width + 1
-        self.line_length = at  # the last column's separator is the newline
+        names = ("time", "owner", "laddr", "lport", "raddr", "rport", "states", "ms")
+        widths = [12 + 1, 7 + 1 + 15 + 1, self.address_width + 1, 5 + 1,
+                  self.address_width + 1, 5 + 1, 28 + 1, 14 + 1]
+        offsets = list(np.cumsum([0] + widths[:-1]))
+        self.line_length = sum(widths)
+        self._line = np.dtype({"names": names, "formats": [f"V{w}" for w in widths],
+                               "offsets": offsets, "itemsize": self.line_length})
         # Tables indexed by the value: state pairs, ports, seconds of the day.
-        self._transitions = _fixed([f"{name_of(old):<12} -> {name_of(new)}"
-                                    for old in range(NSTATES) for new in range(NSTATES)], 28)
-        self._ports = np.ascontiguousarray(_digits(np.arange(65536), 5))
-        self._seconds = _fixed([f"{s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d}."
-                                for s in range(86400)], 9)
-        self._addresses = _Distinct(self.address_width, _address_text)
-        self._owners = _Distinct(7 + 1 + 15, _owner_text)
+        self._transitions = _Table(_fixed([f"{name_of(old):<12} -> {name_of(new)}"
+                                           for old in range(NSTATES)
+                                           for new in range(NSTATES)], 28 + 1))
+        self._ports = _Table(_fixed([f"{port:>5} " for port in range(65536)], 5 + 1))
+        self._seconds = _Table(_fixed([f"{s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d}."
+                                       for s in range(86400)], 9))
+        self._addresses = _Distinct(self.address_width + 1, _address_text)
+        self._owners = _Distinct(7 + 1 + 15 + 1, _owner_text)
 
     def header(self) -> bytes:
         return (" ".join(f"{title:{align}{width}}" for title, width, align in self.columns)
@@ -210,56 +229,53 @@ class TextFormat:
         if events.dtype != EVENT:  # e.g. numpy packed it: the byte layout is used below
             events = events.astype(EVENT)
         raw = np.ascontiguousarray(events).view(np.uint8).reshape(n, EVENT.itemsize)
-        out = np.full((n, self.line_length), SPACE, np.uint8)
-        out[:, -1] = ord("\n")
-
-        def put(column: int, cells: np.ndarray) -> None:
-            start = self.starts[column]
-            out[:, start:start + cells.shape[1]] = cells
-
-        put(0, self._clock_times(events["timestamp_ns"]))
+        lines = np.empty(n, self._line)  # every byte is written below
+        lines["time"] = self._clock_times(events["timestamp_ns"])
         owners = np.empty((n, 3), np.uint64)  # PID and COMM: one look-up
         owners[:, 0] = events["owner_pid"]
         owners[:, 1:] = _words(raw, EVENT.fields["owner_comm"][1], 16)
-        put(1, self._owners(owners))
+        lines["owner"] = self._owners(owners)
         addresses = np.empty((2 * n, 3), np.uint64)
         addresses[:n, 0] = addresses[n:, 0] = events["family"]
         addresses[:n, 1:] = _words(raw, EVENT.fields["saddr"][1], 16)
         addresses[n:, 1:] = _words(raw, EVENT.fields["daddr"][1], 16)
         both = self._addresses(addresses)
-        put(3, both[:n])
-        put(4, _lookup(self._ports, events["sport"]))
-        put(5, both[n:])
-        put(6, _lookup(self._ports, events["dport"]))
+        lines["laddr"], lines["raddr"] = both[:n], both[n:]
+        lines["lport"] = self._ports[events["sport"]]
+        lines["rport"] = self._ports[events["dport"]]
         pairs = events["oldstate"].astype(np.intp) % NSTATES * NSTATES + events["newstate"] % NSTATES
-        put(7, _lookup(self._transitions, pairs))
-        put(8, self._milliseconds(events["duration_ns"]))
-        return out.tobytes()
+        lines["states"] = self._transitions[pairs]
+        lines["ms"] = self._milliseconds(events["duration_ns"])
+        return lines.tobytes()
 
     def _clock_times(self, monotonic_ns: np.ndarray) -> np.ndarray:
-        """HH:MM:SS.mmm, local time (the zone offset of the batch's start)."""
+        """HH:MM:SS.mmm and a space, local time (the zone offset of the
+        batch's start)."""
         wall_ms = self.clock.wall_ns(monotonic_ns) // 1_000_000
         zone_ms = time.localtime(int(wall_ms[0]) // 1000).tm_gmtoff * 1000
         of_day = (wall_ms + zone_ms) % 86_400_000
-        cells = np.empty((len(of_day), 12), np.uint8)
-        cells[:, :9] = _lookup(self._seconds, of_day // 1000)
-        cells[:, 9:] = _lookup(_TRIPLES, of_day % 1000)
-        return cells
+        cells = np.empty((len(of_day), 12 + 1), np.uint8)
+        cells[:, :9] = self._seconds[of_day // 1000].view(np.uint8).reshape(-1, 9)
+        cells[:, 9:12] = _TRIPLES[of_day % 1000]
+        cells[:, 12] = SPACE
+        return _cells(cells)
 
     @staticmethod
     def _milliseconds(duration_ns: np.ndarray) -> np.ndarray:
-        """Time in the old state, ms with 3 decimals; "-" when not known."""
+        """Time in the old state, ms with 3 decimals, and the newline; "-"
+        when not known."""
         known = duration_ns != np.uint64(UNKNOWN_NS)
         # capped at 9999999999.999 ms (115 days), far beyond any trace's own age
         micros = np.where(known, np.minimum(duration_ns // np.uint64(1000), 10**13 - 1), 0)
-        cells = np.empty((len(micros), 14), np.uint8)
+        cells = np.empty((len(micros), 14 + 1), np.uint8)
         cells[:, 0:10] = _digits(micros // np.uint64(1000), 10)
         cells[:, 10] = ord(".")
-        cells[:, 11:14] = _lookup(_TRIPLES, micros % np.uint64(1000))
+        cells[:, 11:14] = _TRIPLES[micros % np.uint64(1000)]
         if not known.all():
-            cells[~known] = SPACE
-            cells[~known, -1] = DASH
-        return cells
+            cells[~known, :14] = SPACE
+            cells[~known, 13] = DASH
+        cells[:, 14] = ord("\n")
+        return _cells(cells)
 
 
 class SocketIds:

@@ -19,6 +19,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -825,6 +826,42 @@ def test_lost_events_are_counted_exactly(lab):
     assert printed + lost == n * 5  # listen>syn_recv>established>close_wait>last_ack>close
     assert matrix == steps(result.lines())
     assert all(line.lport == port and line.rport in client_ports for line in result.lines())
+
+
+def test_nothing_leaks_before_the_filters_are_written(lab):
+    """bcc attaches the program as it loads it, before the filters can be
+    written: meanwhile it must match nothing. A churn on another port runs
+    throughout; a trace filtered on unused ports prints nothing."""
+    busy, unused, unused_too = next_port(), next_port(), next_port()
+    stop = threading.Event()
+
+    refusals = []
+    # bound below the ephemeral range, which would in time hit `unused` too
+    client_ports = itertools.cycle(range(10000, 20000))
+
+    def churn():
+        while not stop.is_set():
+            with lab.socket("client", IPV4) as client:
+                client.bind((lab.address(IPV4, "client"), next(client_ports)))
+                try:
+                    client.connect((lab.address(IPV4, "server"), busy))
+                except ConnectionRefusedError:
+                    refusals.append(1)
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    try:
+        results = []
+        for _ in range(3):
+            # both ports of one socket: no one's socket matches by chance
+            with Trace("--lport", str(unused), "--rport", str(unused_too)) as trace:
+                results.append(trace.stop())
+    finally:
+        stop.set()
+        worker.join()
+    assert len(refusals) > 100  # events all along
+    for result in results:
+        assert result.body == [] and result.summary()[:2] == (0, 0)
 
 
 # ---------------------------------------------------------------- pipes
