@@ -249,13 +249,22 @@ def same_lines(actual: list[Line], expected: list[Line]) -> bool:
     return sorted(actual, key=repr) == sorted(expected, key=repr)
 
 
+def ends(lab: Lab, family: int, port: int, client_port: int) -> tuple[dict, dict, dict]:
+    """The address columns of a listener on `port`, and of the client and
+    the server child of one connection to it, as Line fields."""
+    client_ip, server_ip = lab.address(family, "client"), lab.address(family, "server")
+    anywhere = "0.0.0.0" if family == IPV4 else "::"
+    return (dict(laddr=server_ip, lport=port, raddr=anywhere, rport=0),
+            dict(laddr=client_ip, lport=client_port, raddr=server_ip, rport=port),
+            dict(laddr=server_ip, lport=port, raddr=client_ip, rport=client_port))
+
+
 # ---------------------------------------------------------------- exact lines
 
 def test_client_closes_first_exact_lines(lab):
     """Every column of every line, both ends and the listener. The client
     connects without binding first: its connect line has local port 0."""
     port, me, comm = next_port(), os.getpid(), my_comm()
-    client_ip, server_ip = lab.address(IPV4, "client"), lab.address(IPV4, "server")
     mine, state = Mine(lab), {}
 
     def workload():
@@ -269,11 +278,8 @@ def test_client_closes_first_exact_lines(lab):
             server.close()
 
     result = run_trace(workload, "--port", str(port))
-    eph = state["eph"]
     ours, nobody = dict(pid=me, comm=comm), dict(pid=None, comm=None)
-    listener = dict(laddr=server_ip, lport=port, raddr="0.0.0.0", rport=0)
-    client = dict(laddr=client_ip, lport=eph, raddr=server_ip, rport=port)
-    child = dict(laddr=server_ip, lport=port, raddr=client_ip, rport=eph)
+    listener, client, child = ends(lab, IPV4, port, state["eph"])
     expected = [
         Line(**ours, **listener, old="close", new="listen"),
         # connect() is traced before the local port is chosen
@@ -295,10 +301,10 @@ def test_client_closes_first_exact_lines(lab):
     lines = result.lines(mine)
     assert same_lines(lines, expected)
     # each socket's lines come in the order of its life
-    for ends in (listener, child, {**client, "lport": None}):
-        def of(line, ends=ends):
-            return (line.laddr, line.raddr, line.rport) == (ends["laddr"], ends["raddr"],
-                                                            ends["rport"])
+    for one in (listener, child, client):
+        def of(line, one=one):  # the connect line has no local port yet
+            return (line.laddr, line.raddr, line.rport) == (one["laddr"], one["raddr"],
+                                                            one["rport"])
         assert [l.step for l in lines if of(l)] == [l.step for l in expected if of(l)]
     assert_summary_matches(result)
 
@@ -350,8 +356,7 @@ def test_reset_exact_lines(lab):
     """SO_LINGER 0: the client aborts with RST; the server's child goes to
     CLOSE in softirq, before anyone owning it acted: no owner."""
     port, mine = next_port(), Mine(lab)
-    client_ip, server_ip = lab.address(IPV4, "client"), lab.address(IPV4, "server")
-    state = {}
+    server_ip, state = lab.address(IPV4, "server"), {}
 
     def workload():
         with mine.listener(IPV4, port) as listener:
@@ -365,19 +370,17 @@ def test_reset_exact_lines(lab):
             server.close()
 
     result = run_trace(workload, "--port", str(port))
-    cport, ours = state["cport"], dict(pid=os.getpid(), comm=my_comm())
-    client = dict(**ours, laddr=client_ip, lport=cport, raddr=server_ip, rport=port)
-    child = dict(pid=None, comm=None, laddr=server_ip, lport=port, raddr=client_ip, rport=cport)
-    listener = dict(**ours, laddr=server_ip, lport=port, raddr="0.0.0.0", rport=0)
+    ours, nobody = dict(pid=os.getpid(), comm=my_comm()), dict(pid=None, comm=None)
+    listener, client, child = ends(lab, IPV4, port, state["cport"])
     expected = [
-        Line(**listener, old="close", new="listen"),
-        Line(**client, old="close", new="syn_sent"),
-        Line(**client, old="syn_sent", new="established"),
-        Line(**child, old="listen", new="syn_recv"),
-        Line(**child, old="syn_recv", new="established"),
-        Line(**client, old="established", new="close"),
-        Line(**child, old="established", new="close"),
-        Line(**listener, old="listen", new="close"),
+        Line(**ours, **listener, old="close", new="listen"),
+        Line(**ours, **client, old="close", new="syn_sent"),
+        Line(**ours, **client, old="syn_sent", new="established"),
+        Line(**nobody, **child, old="listen", new="syn_recv"),
+        Line(**nobody, **child, old="syn_recv", new="established"),
+        Line(**ours, **client, old="established", new="close"),
+        Line(**nobody, **child, old="established", new="close"),
+        Line(**ours, **listener, old="listen", new="close"),
     ]
     assert same_lines(result.lines(mine), expected)
     assert_summary_matches(result)
@@ -386,8 +389,7 @@ def test_reset_exact_lines(lab):
 def test_ipv6_exact_lines(lab):
     """IPv6, and this time the server closes first."""
     port, mine = next_port(), Mine(lab)
-    client_ip, server_ip = lab.address(IPV6, "client"), lab.address(IPV6, "server")
-    state = {}
+    server_ip, state = lab.address(IPV6, "server"), {}
 
     def workload():
         with mine.listener(IPV6, port) as listener:
@@ -399,25 +401,21 @@ def test_ipv6_exact_lines(lab):
             client.close()
 
     result = run_trace(workload, "--port", str(port))
-    cport, ours = state["cport"], dict(pid=os.getpid(), comm=my_comm())
-    client = dict(**ours, laddr=client_ip, lport=cport, raddr=server_ip, rport=port)
-    unowned = dict(pid=None, comm=None, laddr=server_ip, lport=port, raddr=client_ip,
-                   rport=cport)
-    child = {**unowned, **ours}
-    listener = dict(**ours, laddr=server_ip, lport=port, raddr="::", rport=0)
+    ours, nobody = dict(pid=os.getpid(), comm=my_comm()), dict(pid=None, comm=None)
+    listener, client, child = ends(lab, IPV6, port, state["cport"])
     expected = [
-        Line(**listener, old="close", new="listen"),
-        Line(**client, old="close", new="syn_sent"),
-        Line(**client, old="syn_sent", new="established"),
-        Line(**unowned, old="listen", new="syn_recv"),
-        Line(**unowned, old="syn_recv", new="established"),
-        Line(**child, old="established", new="fin_wait1"),
-        Line(**client, old="established", new="close_wait"),
-        Line(**child, old="fin_wait1", new="fin_wait2"),
-        Line(**client, old="close_wait", new="last_ack"),
-        Line(**child, old="fin_wait2", new="close"),
-        Line(**client, old="last_ack", new="close"),
-        Line(**listener, old="listen", new="close"),
+        Line(**ours, **listener, old="close", new="listen"),
+        Line(**ours, **client, old="close", new="syn_sent"),
+        Line(**ours, **client, old="syn_sent", new="established"),
+        Line(**nobody, **child, old="listen", new="syn_recv"),
+        Line(**nobody, **child, old="syn_recv", new="established"),
+        Line(**ours, **child, old="established", new="fin_wait1"),  # its owner closed it
+        Line(**ours, **client, old="established", new="close_wait"),
+        Line(**ours, **child, old="fin_wait1", new="fin_wait2"),
+        Line(**ours, **client, old="close_wait", new="last_ack"),
+        Line(**ours, **child, old="fin_wait2", new="close"),
+        Line(**ours, **client, old="last_ack", new="close"),
+        Line(**ours, **listener, old="listen", new="close"),
     ]
     assert same_lines(result.lines(mine), expected)
     assert_summary_matches(result)
