@@ -56,12 +56,17 @@ def run_python(caps: set[str], code: str) -> subprocess.CompletedProcess:
 
 
 def _debian_tool(name: str, package: str) -> str:
-    path = shutil.which(name)
-    if path is None:
+    """The path of `name`, installing Debian's `package` if it is missing
+    (`make setup-test` should have; the package lists may need an update)."""
+    apt = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for update_first in (False, True):
+        if shutil.which(name):
+            break
+        if update_first:
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=600, env=apt)
         subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", package],
-                       capture_output=True, timeout=600,
-                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-        path = shutil.which(name)
+                       capture_output=True, timeout=600, env=apt)
+    path = shutil.which(name)
     if path is None:
         pytest.fail(f"{name} is missing and Debian's {package} did not install")
     return path
