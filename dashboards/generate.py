@@ -185,6 +185,7 @@ def state_table() -> table.Panel:
 
 def overview() -> dict:
     syn_sent_exits = rate(m.TRANSITIONS, "", **transition("syn_sent", **NODE_PORT))
+    connects_failed = rate(m.TRANSITIONS, "", **transition("syn_sent", "close", **NODE_PORT))
     handshake_buckets = selector(f"{m.STATE_DURATION}_bucket",
                                  **transition("syn_sent", "established", **NODE_PORT))
     dash = (db.Dashboard("TCP life-cycle").uid(OVERVIEW_UID).tags(TAGS)
@@ -244,14 +245,12 @@ def overview() -> dict:
         "out, or reset during the handshake).",
         [query(rate(m.TRANSITIONS, "", **transition("syn_sent", "established", **NODE_PORT)),
                "established"),
-         query(rate(m.TRANSITIONS, "", **transition("syn_sent", "close", **NODE_PORT)),
-               "failed (syn_sent -> close)", ref="B")],
+         query(connects_failed, "failed (syn_sent -> close)", ref="B")],
         unit="ops", width=8))
     dash = dash.with_panel(graph(
         "Connect failure ratio",
         "The share of connects that ended SYN-SENT -> CLOSE.",
-        [query(f"{rate(m.TRANSITIONS, '', **transition('syn_sent', 'close', **NODE_PORT))}"
-               f" / {syn_sent_exits}", "failure ratio")],
+        [query(f"{connects_failed} / {syn_sent_exits}", "failure ratio")],
         unit="percentunit", width=8)
         .min(0).max(1)
         .thresholds(db.ThresholdsConfig().mode(dm.ThresholdsMode.ABSOLUTE).steps([
