@@ -219,6 +219,17 @@ def test_renderer_draws_every_panel(stack, tmp_path):
             "--var", f"port=({PORT}|{CHURN})", "--var", "__rate_interval=10s"]) == 0
 
 
+@pytest.mark.parametrize("uid", [generate.HEALTH_UID, generate.FLEET_UID])
+def test_renderer_draws_the_other_dashboards(stack, tmp_path, uid):
+    window = math.ceil(stack.end - stack.start) + 5
+    assert render.main(["--prometheus", stack.prometheus.url, "--dashboard",
+                        str(generate.HERE / f"{uid}.json"), "--out", str(tmp_path),
+                        "--range", f"{window}s", "--end", f"{stack.end:.3f}",
+                        "--scrape-interval", "1s"]) == 0
+    assert len(list(tmp_path.glob("*.png"))) == sum(
+        1 for p in panels(DASHBOARDS[uid]) if p["type"] != "row")
+
+
 def test_renderer_reports_a_failing_query(stack, tmp_path, capsys):
     board = json.loads((generate.HERE / f"{generate.HEALTH_UID}.json").read_text())
     board["panels"] = board["panels"][:1]
