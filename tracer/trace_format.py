@@ -4,9 +4,8 @@ summary.
 Events arrive in batches as numpy arrays of struct trace_event
 (bpf/tcpstate.bpf.c). Text lines have fixed-width columns, so a whole batch
 is laid out as one byte matrix with numpy, a column at a time, and written
-with one call: no Python code runs per event. Values that repeat (addresses,
-state pairs) are formatted once and looked up. JSON needs Python per event,
-with cached pieces.
+with one call: Python runs per batch and per distinct value (an address, a
+process), never per event. JSON needs Python per event, with cached pieces.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ EVENT = np.dtype({
 })
 COMM_LEN = 16
 
-SPACE, DASH, ZERO = ord(" "), ord("-"), ord("0")
+SPACE, DASH = ord(" "), ord("-")
 CORNER = "old \\ new"  # the summary matrix's top left cell
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from tracer.probe import bpf_source
 from tracer.ringbuf import record_dtype
 from tracer.states import BY_NAME, NSTATES
 from tracer.trace import Output
@@ -51,8 +53,20 @@ class FixedClock(WallClock):
 
 
 def test_event_layout_matches_the_c_struct():
-    # struct trace_event: 4 u64, u32, 2 u16, 4 u8, 2 x 16 address bytes, comm[16]
-    assert EVENT.itemsize == 96
+    """EVENT spells struct trace_event of bpf/tcpstate.bpf.c field by field:
+    same names, order and C offsets."""
+    source = bpf_source().read_text()
+    body = re.search(r"struct trace_event \{(.*?)\};", source, re.S).group(1)
+    sizes = {"u64": 8, "u32": 4, "u16": 2, "u8": 1, "char": 1}
+    offset, fields = 0, []
+    for kind, name, count in re.findall(r"^\s*(\w+) (\w+)(?:\[(\w+)\])?;", body, re.M):
+        size = sizes[kind] * (16 if count else 1)  # [16] and [TASK_COMM_LEN]
+        offset = -(-offset // sizes[kind]) * sizes[kind]  # C alignment
+        fields.append((name, offset, size))
+        offset += size
+    assert [(name, EVENT.fields[name][1], EVENT.fields[name][0].itemsize)
+            for name in EVENT.names] == fields
+    assert EVENT.itemsize == -(-offset // 8) * 8 == 96
     assert record_dtype(EVENT).itemsize == 104  # 8-byte header, 8-byte aligned
 
 
