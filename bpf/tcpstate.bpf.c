@@ -346,6 +346,17 @@ static __always_inline u8 side_at_birth(u32 old, u32 new)
     return old == TCP_LISTEN ? SIDE_SERVER : new == TCP_SYN_SENT ? SIDE_CLIENT : 0;
 }
 
+/* A workqueue worker ("kworker/..."): MPTCP closes its TCP subflows from
+ * one, and a file released by a kernel thread is closed in one. Its pid is
+ * never the socket's owner. (Kernel threads are told apart by task flags,
+ * which a bcc program could read only by offsets from nearby headers.) */
+static __always_inline bool kernel_worker(const char *comm)
+{
+    u64 head;
+    __builtin_memcpy(&head, comm, sizeof(head));
+    return head == 0x2f72656b726f776bULL;   /* "kworker/", little-endian */
+}
+
 /* A filled record of an event that passed the filters, still to be given
  * its addresses and submitted; NULL when filtered out or the buffer is
  * full (counted). bcc defines the tracepoint's argument struct only at the
@@ -479,12 +490,17 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     }
 
 #ifdef TRACE_EVENTS
-    /* The owner of a socket is known once it acts in process context. */
-    if (entry && owner_context(old, new)) {
-        entry->owner_pid = bpf_get_current_pid_tgid() >> 32;
-        bpf_get_current_comm(&entry->owner_comm, sizeof(entry->owner_comm));
-    } else if (entry && birth) {
+    /* The owner of a socket is known once it acts in process context, as
+     * a process: a kernel worker acts for some other owner. */
+    if (entry && birth)
         entry->owner_pid = 0;
+    if (entry && owner_context(old, new)) {
+        char comm[TASK_COMM_LEN];
+        bpf_get_current_comm(&comm, sizeof(comm));
+        if (!kernel_worker(comm)) {
+            entry->owner_pid = bpf_get_current_pid_tgid() >> 32;
+            __builtin_memcpy(entry->owner_comm, comm, TASK_COMM_LEN);
+        }
     }
     struct trace_event *event = trace_emit(sk, sport, dport, now, fam, old, new,
                                            duration_ns, birth, entry);

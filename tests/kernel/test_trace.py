@@ -30,7 +30,7 @@ import pytest
 from tracer.states import BY_NAME, FAMILIES as FAMILY_NAMES
 
 from .exporter import TCPSTATE
-from .netlab import Lab
+from .netlab import Lab, inside
 
 _ports = itertools.count(47100)
 # Clients bind ports of their own, below the ephemeral range (32768-60999),
@@ -677,6 +677,46 @@ def test_pid_filter_never_matches_through_an_interrupted_process(lab):
     assert steps(lines) == closes_first_steps(1) - Counter({
         ("listen", "syn_recv"): 1, ("syn_recv", "established"): 1,
         ("established", "close_wait"): 1})
+
+
+IPPROTO_MPTCP = 262
+
+
+def test_a_kernel_worker_is_never_an_owner(lab):
+    """MPTCP closes its TCP subflows from a kernel worker (kworker), in
+    process context: the subflows keep the owner that connected, and the
+    server's, never owned by a known process, stay without one."""
+    port, mine = next_port(), Mine(lab)
+    cport = next(_client_ports)
+    mine.pairs |= {(port, 0), (cport, port)}
+    server_ip = lab.address(IPV4, "server")
+
+    def mptcp(side: str) -> socket.socket:
+        with inside(lab.server if side == "server" else lab.client):
+            try:
+                return socket.socket(IPV4, socket.SOCK_STREAM, IPPROTO_MPTCP)
+            except OSError as exc:
+                pytest.skip(f"no MPTCP here: {exc}")
+
+    def workload():
+        with mptcp("server") as listener:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((server_ip, port))
+            listener.listen()
+            client = mptcp("client")
+            client.bind((lab.address(IPV4, "client"), cport))
+            client.connect((server_ip, port))
+            server, _ = listener.accept()
+            client.close()
+            server.recv(1)
+            server.close()
+
+    lines = run_trace(workload, "--port", str(port)).lines(mine)
+    client_side = [line for line in lines if line.lport == cport]
+    child = [line for line in lines if line.rport == cport]
+    assert len(client_side) >= 5 and len(child) == 5
+    assert {(line.pid, line.comm) for line in client_side} == {(os.getpid(), my_comm())}
+    assert {(line.pid, line.comm) for line in child} == {(None, None)}
 
 
 # ---------------------------------------------------------------- JSON
