@@ -285,3 +285,5 @@ RATE_CONFIGS = (
     lambda: Trace(matching_nothing=True),
     Tcpstates,
 )
+# bcc compiles tcpstates against the whole kernel headers: 10-20 s, too long here.
+QUICK_RATE_CONFIGS = (lambda: Serve(SERVICE_PORTS), lambda: Trace())

@@ -13,9 +13,9 @@ from tracer import metrics as m
 from tracer.probe import FUNCTION, Probe
 
 from . import measure
-from .configs import RATE_CONFIGS, EmptyHandler, NodeExporter, Scraper, Serve, \
+from .configs import QUICK_RATE_CONFIGS, RATE_CONFIGS, EmptyHandler, NodeExporter, Scraper, Serve, \
     Tcpstates
-from .lab import CHURN_PORT, HOLD_PORTS, SERVICE_PORTS, Lab
+from .lab import CHURN_PORT, SERVICE_PORTS, Lab
 
 # Connections per second that make ~200k transitions/s (six per connection).
 RATE_200K = 200_000 / 6
@@ -25,9 +25,10 @@ ALL_FEATURES = "+ 10 service ports (all features)"
 
 @dataclass
 class Settings:
-    rounds: int = 5              # A/B rounds per configuration (figure 1b, 7)
-    churn_seconds: float = 4     # one workload run
+    rounds: int = 6              # A/B rounds per configuration (figure 1b, 7)
+    churn_seconds: float = 3     # one workload run
     cost_rounds: int = 3         # figure 1
+    cost_beside_peer: bool = True  # figure 1: also all at once with tcpstates
     cpu_seconds: float = 45      # figure 2, per rate
     scrape_interval: float = 15  # figure 2
     scrapes: int = 200           # figure 3
@@ -35,12 +36,15 @@ class Settings:
     gauge_scrapes: int = 20      # figure 4
     first_count_repeats: int = 3  # figure 6
     exact_connections: int = 200_000
+    rate_configs: tuple = RATE_CONFIGS
 
     @classmethod
     def quick(cls) -> "Settings":
-        return cls(rounds=1, churn_seconds=2, cost_rounds=1, cpu_seconds=8,
-                   scrape_interval=4, scrapes=40, held=(5_000,), gauge_scrapes=5,
-                   first_count_repeats=1, exact_connections=20_000)
+        return cls(rounds=1, churn_seconds=1, cost_rounds=1, cost_beside_peer=False,
+                   cpu_seconds=4,
+                   scrape_interval=2, scrapes=40, held=(5_000,), gauge_scrapes=5,
+                   first_count_repeats=1, exact_connections=20_000,
+                   rate_configs=QUICK_RATE_CONFIGS)
 
 
 def _ns_per_event(before: dict, after: dict) -> tuple[float, int]:
@@ -48,58 +52,82 @@ def _ns_per_event(before: dict, after: dict) -> tuple[float, int]:
     return (after["run_time_ns"] - before["run_time_ns"]) / max(runs, 1), runs
 
 
+TRACEPOINT = b"sock:inet_sock_set_state"
+
+
 def kernel_cost(lab: Lab, settings: Settings) -> dict:
-    """Figure 1: run_time_ns / run_cnt of each program, all attached to the
-    tracepoint at once and so timed on the same events: an empty handler
-    (attached first and last: the kernel runs them in attach order) and our
-    program built with one feature more at each step; then the same again
-    with bcc's tcpstates attached too (its perf-buffer output and its busy
-    reader slow the programs beside it: both are shown)."""
+    """Figure 1: run_time_ns / run_cnt of each program on the tracepoint.
+    First ("alone"): our program built with one feature more at each step,
+    attached one at a time beside an empty handler (the floor), so that no
+    variant pollutes another's caches. Then ("same run"): the variants, two
+    empty handlers (first and last: the kernel runs programs in attach
+    order) and bcc's tcpstates all attached at once, timed on the same
+    events."""
     variants = {
         "counters only": dict(extra_cflags=["-DNO_SOCKET_TABLE"]),
         "+ socket table": dict(extra_cflags=["-DNO_HISTOGRAMS"]),
         "+ histograms (serve's default)": {},
         ALL_FEATURES: dict(service_ports=SERVICE_PORTS),
     }
-    phases = {}
+    function = FUNCTION.encode()
     with measure.bpf_stats_enabled(), contextlib.ExitStack() as stack:
-        readers = {}
         first = stack.enter_context(EmptyHandler())
-        readers["empty handler (first)"] = _fd_reader(first.bpf.funcs[FUNCTION.encode()].fd)
-        for name, options in variants.items():
-            probe = stack.enter_context(contextlib.closing(
-                Probe(seed_live_sockets=False, **options)))
+        empty = _fd_reader(first.bpf.funcs[function].fd)
+        probes = {name: stack.enter_context(contextlib.closing(
+            Probe(seed_live_sockets=False, **options))) for name, options in variants.items()}
+        for probe in probes.values():
+            probe.bpf.detach_tracepoint(TRACEPOINT)
+        alone = []
+        for _ in range(settings.cost_rounds):
+            costs = {}
+            for name, probe in probes.items():
+                probe.bpf.attach_tracepoint(tp=TRACEPOINT, fn_name=function)
+                measured = _cost_round(lab, settings, {name: probe.prog_stats,
+                                                       "empty handler": empty})
+                probe.bpf.detach_tracepoint(TRACEPOINT)
+                costs[name] = measured["ns"][name]
+                costs[f"empty handler beside {name}"] = measured["ns"]["empty handler"]
+            alone.append(costs)
+
+        if not settings.cost_beside_peer:
+            return {"alone": _medians(alone), "same_run": {}, "events_per_round": []}
+        readers = {"empty handler (first)": empty}
+        for name, probe in probes.items():
+            probe.bpf.attach_tracepoint(tp=TRACEPOINT, fn_name=function)
             readers[name] = probe.prog_stats
         last = stack.enter_context(EmptyHandler())
-        readers["empty handler (last)"] = _fd_reader(last.bpf.funcs[FUNCTION.encode()].fd)
-        phases["alone"] = _cost_rounds(lab, settings, readers)
+        readers["empty handler (last)"] = _fd_reader(last.bpf.funcs[function].fd)
         peer = stack.enter_context(Tcpstates())
         (peer_prog,) = measure.programs_of(peer.pid)
         readers["bcc tcpstates"] = lambda: measure.programs_of(peer.pid)[peer_prog]
-        phases["beside tcpstates"] = _cost_rounds(lab, settings, readers)
-    return {"programs": list(readers), "phases": phases}
+        same_run = [_cost_round(lab, settings, readers) for _ in range(settings.cost_rounds)]
+    return {
+        "alone": _medians(alone),
+        "same_run": {name: {"median_ns": measure.median([r["ns"][name] for r in same_run]),
+                            "ns": [r["ns"][name] for r in same_run]} for name in readers},
+        "events_per_round": [r["events"]["counters only"] for r in same_run],
+    }
 
 
-def _cost_rounds(lab: Lab, settings: Settings, readers: dict) -> dict:
-    rounds = []
-    for _ in range(settings.cost_rounds):
-        before = {name: read() for name, read in readers.items()}
-        churn = lab.churn(settings.churn_seconds)
-        after = {name: read() for name, read in readers.items()}
-        costs = {name: _ns_per_event(before[name], after[name]) for name in readers}
-        rounds.append({"ns": {name: ns for name, (ns, _) in costs.items()},
-                       "events": {name: runs for name, (_, runs) in costs.items()},
-                       "churn": churn})
-    return {"median_ns": {name: measure.median([r["ns"][name] for r in rounds])
-                          for name in readers},
-            "rounds": rounds}
+def _medians(rounds: list[dict]) -> dict:
+    return {name: {"median_ns": measure.median([r[name] for r in rounds]),
+                   "ns": [r[name] for r in rounds]} for name in rounds[0]}
+
+
+def _cost_round(lab: Lab, settings: Settings, readers: dict) -> dict:
+    before = {name: read() for name, read in readers.items()}
+    churn = lab.churn(settings.churn_seconds)
+    after = {name: read() for name, read in readers.items()}
+    costs = {name: _ns_per_event(before[name], after[name]) for name in readers}
+    return {"ns": {name: ns for name, (ns, _) in costs.items()},
+            "events": {name: runs for name, (_, runs) in costs.items()}, "churn": churn}
 
 
 def _fd_reader(fd: int):
     return lambda: measure.prog_stats_of_fd(fd)
 
 
-def rate_ratios(lab: Lab, settings: Settings, configs=RATE_CONFIGS) -> dict:
+def rate_ratios(lab: Lab, settings: Settings) -> dict:
     """Figures 1b and 7: the workload's connection rate under each
     configuration, between two untraced runs (A B A B ... A): a round's
     ratio is B over the mean of the A just before and just after it, which
@@ -107,7 +135,7 @@ def rate_ratios(lab: Lab, settings: Settings, configs=RATE_CONFIGS) -> dict:
     results: dict[str, list[dict]] = {}
     for round_number in range(settings.rounds):
         baseline = lab.churn(settings.churn_seconds)
-        for make in configs:
+        for make in settings.rate_configs:
             foreign = len(measure.tracepoint_programs())
             with make() as config:
                 config.mark()
@@ -216,7 +244,6 @@ def gauge_scaling(lab: Lab, settings: Settings) -> dict:
     """Figure 4 (and the evictions of figure 1): scrape time of tcpstate's
     per-state gauge and of node_exporter's tcpstat collector with many idle
     connections open, same run; both gauges checked against the truth."""
-    hold_ports = [str(port) for port in range(CHURN_PORT, CHURN_PORT + HOLD_PORTS)]
     results = {}
     with Serve(SERVICE_PORTS) as serve, NodeExporter(lab) as node:
         ours = Scraper(serve.exporter.port)
@@ -224,11 +251,14 @@ def gauge_scaling(lab: Lab, settings: Settings) -> dict:
         try:
             for held in (0, *settings.held):
                 serve.mark()
-                with lab.holding(held) if held else contextlib.nullcontext(0.0) as opened:
+                holding = lab.holding(held) if held else contextlib.nullcontext(
+                    {"ports": [], "open_seconds": 0.0})
+                with holding as opened:
                     time.sleep(0.5)
                     scrape = serve.exporter.scrape()
                     counted = sum(scrape.total(m.SOCKETS, state="established",
-                                               **{m.PORT_LABEL: port}) for port in hold_ports)
+                                               **{m.PORT_LABEL: str(port)})
+                                  for port in opened["ports"])
                     node_body = node.scraper.get()[1]
                     node_counted = Scrape.parse(node_body).value(
                         "node_tcp_connection_states", state="established")
@@ -238,7 +268,7 @@ def gauge_scaling(lab: Lab, settings: Settings) -> dict:
                         times["tcpstate"].append(ours.get()[0])
                         times["node_exporter"].append(node.scraper.get()[0])
                     results[held] = {
-                        "sockets": 2 * held, "open_seconds": opened,
+                        "sockets": 2 * held, "open_seconds": opened["open_seconds"],
                         "tcpstate_ms": 1000 * measure.median(times["tcpstate"]),
                         "node_exporter_ms": 1000 * measure.median(times["node_exporter"]),
                         "tcpstate_established": counted,

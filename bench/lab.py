@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -19,7 +20,10 @@ CHURN_PORT = 48000
 # Ten labelled service ports (figure 3); the churn and the held connections
 # use the first ones, so `port` labels isolate them from other activity.
 SERVICE_PORTS = tuple(range(CHURN_PORT, CHURN_PORT + 10))
-HOLD_PORTS = 4  # held connections spread over this many server ports
+# Held connections: at most this many per process (two descriptors each,
+# under a hard limit of open files that root may not be allowed to raise),
+# each process on a server port of its own.
+HOLD_PER_PROCESS = 9_000
 
 HERE = Path(__file__).resolve().parent
 # Namespace settings: a listen backlog the churn never fills (a full queue
@@ -109,22 +113,34 @@ class Lab:
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     @contextlib.contextmanager
-    def holding(self, connections: int, port: int = CHURN_PORT) -> Iterator[float]:
-        """Hold `connections` idle connections (two sockets each) open over
-        HOLD_PORTS server ports; yields the seconds it took to open them."""
-        process = subprocess.Popen(
-            self.command(str(self.churn_binary), "-H", str(connections), "-p", str(port),
-                         "-P", str(HOLD_PORTS)),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    def holding(self, connections: int, port: int = CHURN_PORT) -> Iterator[dict]:
+        """Hold `connections` idle connections (two sockets each) open,
+        spread over processes of HOLD_PER_PROCESS each, on consecutive
+        server ports from `port`; yields {"ports": [...], "open_seconds": s}."""
+        sizes = [HOLD_PER_PROCESS] * (connections // HOLD_PER_PROCESS)
+        if connections % HOLD_PER_PROCESS:
+            sizes.append(connections % HOLD_PER_PROCESS)
+        processes = []
         try:
-            line = process.stdout.readline().split()
-            if not line or line[0] != "ready":
-                raise RuntimeError(f"churn -H failed: {process.stderr.read().strip()}")
-            yield float(line[2])
+            started = time.monotonic()
+            for index, size in enumerate(sizes):
+                processes.append(subprocess.Popen(
+                    self.command(str(self.churn_binary), "-H", str(size),
+                                 "-p", str(port + index)),
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    text=True))
+            for process in processes:
+                line = process.stdout.readline().split()
+                if not line or line[0] != "ready":
+                    raise RuntimeError(f"churn -H failed: {process.stderr.read().strip()}")
+            yield {"ports": [port + index for index in range(len(sizes))],
+                   "open_seconds": time.monotonic() - started}
         finally:
-            process.stdin.close()
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            for process in processes:
+                process.stdin.close()
+            for process in processes:
+                try:
+                    process.wait(60)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from . import figures, report
+from .measure import load_average
 from .lab import Lab
 
 FIGURES = {
@@ -42,11 +43,6 @@ def machine() -> dict:
             "os": platform.freedesktop_os_release().get("PRETTY_NAME", "")}
 
 
-def load_average() -> str:
-    with open("/proc/loadavg") as loadavg:
-        return " ".join(loadavg.read().split()[:3])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short run (about a minute)")
@@ -64,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = figures.Settings.quick() if args.quick else figures.Settings()
     command = "make bench-quick" if args.quick else "make bench"
     results = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "machine": machine(), "settings": vars(settings),
+               "machine": machine(),
+               "settings": {k: v for k, v in vars(settings).items() if k != "rate_configs"},
                "load_average_before": load_average(), "figures": {}}
     started = time.monotonic()
     with Lab() as lab:
