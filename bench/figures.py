@@ -25,8 +25,8 @@ ALL_FEATURES = "+ 10 service ports (all features)"
 
 @dataclass
 class Settings:
-    rounds: int = 6              # A/B rounds per configuration (figure 1b, 7)
-    churn_seconds: float = 3     # one workload run
+    rounds: int = 8              # A/B rounds per configuration (figure 1b, 7)
+    churn_seconds: float = 2.5   # one workload run
     cost_rounds: int = 3         # figure 1
     cost_beside_peer: bool = True  # figure 1: also all at once with tcpstates
     cpu_seconds: float = 45      # figure 2, per rate
@@ -144,10 +144,14 @@ def rate_ratios(lab: Lab, settings: Settings) -> dict:
                 verified = config.verify(churn)
             following = lab.churn(settings.churn_seconds)
             untraced = (baseline["rate"] + following["rate"]) / 2
+            untraced_cpu = (_cpu_per_connection(baseline) + _cpu_per_connection(following)) / 2
             results.setdefault(config.name, []).append({
                 "round": round_number,
                 "baseline_rate": untraced, "rate": churn["rate"],
                 "ratio": churn["rate"] / untraced,
+                "cpu_us_per_connection": 1e6 * _cpu_per_connection(churn),
+                "baseline_cpu_us_per_connection": 1e6 * untraced_cpu,
+                "cpu_ratio": untraced_cpu / _cpu_per_connection(churn),
                 "transitions_per_s": churn["transitions"] / churn["seconds"],
                 "baseline_transitions_per_s": baseline["transitions"] / baseline["seconds"],
                 "other_programs_on_tracepoint": foreign,
@@ -157,6 +161,8 @@ def rate_ratios(lab: Lab, settings: Settings) -> dict:
             baseline = following
     summary = {name: {"median_ratio": measure.median([r["ratio"] for r in rows]),
                       "ratios": [r["ratio"] for r in rows],
+                      "median_cpu_ratio": measure.median([r["cpu_ratio"] for r in rows]),
+                      "median_cpu_us": measure.median([r["cpu_us_per_connection"] for r in rows]),
                       "median_rate": measure.median([r["rate"] for r in rows]),
                       "median_baseline_rate": measure.median([r["baseline_rate"] for r in rows]),
                       "all_verified": all(r["verify"]["ok"] is not False for r in rows)}
@@ -167,6 +173,10 @@ def rate_ratios(lab: Lab, settings: Settings) -> dict:
             summary[name]["median_ratio_to_tcpstates"] = measure.median(
                 [r["ratio"] / p["ratio"] for r, p in zip(rows, peer)])
     return {"summary": summary, "rounds": results}
+
+
+def _cpu_per_connection(churn: dict) -> float:
+    return churn["cpu_seconds"] / max(churn["connections"], 1)
 
 
 def serve_cpu(lab: Lab, settings: Settings) -> dict:

@@ -77,10 +77,11 @@ def _kernel_cost(data: dict, figures: dict, out: Path, failures: list[str]) -> l
 def _rates(data: dict, figures: dict, out: Path, failures: list[str]) -> list[str]:
     summary = data["summary"]
     lines = ["### 1b / 7. Workload connection rate under each configuration, as a ratio to "
-             "the untraced run just before it", "",
+             "the untraced runs just before and after it", "",
              "| configuration | ratio (median) | per round | connections/s (median) | "
-             "untraced connections/s | ratio to tcpstates | checked |",
-             "|---|---:|---|---:|---:|---:|---|"]
+             "untraced connections/s | ratio to tcpstates | workload CPU per connection, "
+             "untraced / traced (median) | checked |",
+             "|---|---:|---|---:|---:|---:|---:|---|"]
     for name, row in summary.items():
         rounds = data["rounds"][name]
         checks = [r["verify"] for r in rounds]
@@ -88,7 +89,8 @@ def _rates(data: dict, figures: dict, out: Path, failures: list[str]) -> list[st
             f"| {name} | {row['median_ratio']:.3f} | "
             f"{', '.join(f'{x:.2f}' for x in row['ratios'])} | {row['median_rate']:,.0f} | "
             f"{row['median_baseline_rate']:,.0f} | "
-            f"{row.get('median_ratio_to_tcpstates', float('nan')):.2f} | {_checks(checks)} |")
+            f"{row.get('median_ratio_to_tcpstates', float('nan')):.2f} | "
+            f"{row['median_cpu_ratio']:.3f} ({row['median_cpu_us']:.1f} us) | {_checks(checks)} |")
         for round_number, check in enumerate(checks):
             if check["ok"] is False:
                 failures.append(f"{name}, round {round_number}: {check}")
