@@ -12,8 +12,8 @@ The HTTP server faces whatever can reach the port, so it is bounded:
 - a request's line and headers must arrive within REQUEST_TIMEOUT_SECONDS
   of its first byte and hold at most MAX_HEADER_BYTES (else 431); a kept
   alive connection may idle IDLE_TIMEOUT_SECONDS between requests;
-- scrapes read the maps one at a time (SCRAPE_LOCK): concurrent scrapes
-  each get a whole snapshot, and counters never go backwards.
+- scrapes read the maps one at a time (a lock): concurrent scrapes each
+  get a whole snapshot, and counters never go backwards.
 Handler errors (garbage, resets, failed handshakes) are logged at debug
 level and cost only their own connection.
 """

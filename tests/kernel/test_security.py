@@ -16,10 +16,8 @@ import signal
 import socket
 import ssl
 import subprocess
-import time
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import bcrypt
 import pytest
@@ -30,7 +28,7 @@ from tracer.collector import BUCKET_LABELS
 
 from ..unit.pki import make_pki
 from ..unit.test_series_bound import real_bound
-from .exporter import Exporter, Scrape, free_port, prog_ids_of
+from .exporter import Exporter, free_port, prog_ids_of
 from .netlab import ADDRESSES, wait_for
 from .test_serve import delta, transitions_of
 from .workload import client_closes_first, reset
