@@ -125,7 +125,8 @@ def test_real_prometheus_scrapes_over_tls_with_basic_auth(secured, tmp_path):
                             timeout=60), (tmp_path / "prometheus.log").read_text()[-2000:]
             assert wait_for(lambda: bool(prometheus_query(
                 url, f'{m.BUILD_INFO}{{job="tcpstate"}}')), timeout=30)
-            assert [r["value"][1] for r in up("intruder")] == ["0"]
+            assert wait_for(lambda: [r["value"][1] for r in up("intruder")] == ["0"],
+                            timeout=30)
             assert not prometheus_query(url, f'{m.BUILD_INFO}{{job="intruder"}}')
         finally:
             prometheus.terminate()
