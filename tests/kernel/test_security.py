@@ -128,6 +128,10 @@ def test_real_prometheus_scrapes_over_tls_with_basic_auth(secured, tmp_path):
             assert wait_for(lambda: [r["value"][1] for r in up("intruder")] == ["0"],
                             timeout=30)
             assert not prometheus_query(url, f'{m.BUILD_INFO}{{job="intruder"}}')
+            with urllib.request.urlopen(f"{url}/api/v1/targets", timeout=5) as answer:
+                targets = json.load(answer)["data"]["activeTargets"]
+            (intruder,) = [t for t in targets if t["labels"]["job"] == "intruder"]
+            assert "401" in intruder["lastError"]  # turned away by basic auth, not by TLS
         finally:
             prometheus.terminate()
             prometheus.wait(30)
