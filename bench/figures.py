@@ -77,20 +77,32 @@ def kernel_cost(lab: Lab, settings: Settings) -> dict:
             Probe(seed_live_sockets=False, **options))) for name, options in variants.items()}
         for probe in probes.values():
             probe.bpf.detach_tracepoint(TRACEPOINT)
-        alone = []
+        alone, workload = [], []
         for _ in range(settings.cost_rounds):
-            costs = {}
+            costs, effects = {}, {}
             for name, probe in probes.items():
+                without = lab.churn(settings.churn_seconds)
                 probe.bpf.attach_tracepoint(tp=TRACEPOINT, fn_name=function)
                 measured = _cost_round(lab, settings, {name: probe.prog_stats,
                                                        "empty handler": empty})
                 probe.bpf.detach_tracepoint(TRACEPOINT)
                 costs[name] = measured["ns"][name]
                 costs[f"empty handler beside {name}"] = measured["ns"]["empty handler"]
+                # What the workload pays beyond the program's own run time
+                # (caches, TLB): its CPU per connection with and without.
+                extra = _cpu_per_connection(measured["churn"]) - _cpu_per_connection(without)
+                effects[name] = {"rate_ratio": measured["churn"]["rate"] / without["rate"],
+                                 "extra_cpu_ns_per_event": 1e9 * extra
+                                 * measured["churn"]["connections"]
+                                 / max(measured["churn"]["transitions"], 1)}
             alone.append(costs)
+            workload.append(effects)
 
+        effects = {name: {key: measure.median([r[name][key] for r in workload])
+                          for key in workload[0][name]} for name in workload[0]}
         if not settings.cost_beside_peer:
-            return {"alone": _medians(alone), "same_run": {}, "events_per_round": []}
+            return {"alone": _medians(alone), "workload": effects, "same_run": {},
+                    "events_per_round": []}
         readers = {"empty handler (first)": empty}
         for name, probe in probes.items():
             probe.bpf.attach_tracepoint(tp=TRACEPOINT, fn_name=function)
@@ -102,7 +114,7 @@ def kernel_cost(lab: Lab, settings: Settings) -> dict:
         readers["bcc tcpstates"] = lambda: measure.programs_of(peer.pid)[peer_prog]
         same_run = [_cost_round(lab, settings, readers) for _ in range(settings.cost_rounds)]
     return {
-        "alone": _medians(alone),
+        "alone": _medians(alone), "workload": effects,
         "same_run": {name: {"median_ns": measure.median([r["ns"][name] for r in same_run]),
                             "ns": [r["ns"][name] for r in same_run]} for name in readers},
         "events_per_round": [r["events"]["counters only"] for r in same_run],

@@ -37,12 +37,19 @@ def render(results: dict, out: Path) -> tuple[str, list[str]]:
 def _kernel_cost(data: dict, figures: dict, out: Path, failures: list[str]) -> list[str]:
     alone, same = data["alone"], data["same_run"]
     all_features = alone[ALL_FEATURES]["median_ns"]
+    effects = data.get("workload", {})
     lines = ["### 1. Kernel cost per event (run_time_ns / run_cnt)", "",
-             "Each variant of our program attached alone beside an empty handler:", "",
-             "| program | ns/event (median) | per round |", "|---|---:|---|"]
+             "Each variant of our program attached alone beside an empty handler; the "
+             "workload's CPU per event with it, less without it (the program's run time "
+             "plus what it costs the workload through the caches), and the rate ratio:", "",
+             "| program | ns/event (median) | per round | workload CPU ns/event added | "
+             "rate ratio |", "|---|---:|---|---:|---:|"]
     for name, row in alone.items():
+        effect = effects.get(name)
+        extra = (f"{effect['extra_cpu_ns_per_event']:.0f} | {effect['rate_ratio']:.3f}"
+                 if effect else " | ")
         lines.append(f"| {name} | {row['median_ns']:.0f} | "
-                     f"{', '.join(f'{ns:.0f}' for ns in row['ns'])} |")
+                     f"{', '.join(f'{ns:.0f}' for ns in row['ns'])} | {extra} |")
     if same:
         lines += ["", "All of them and bcc's tcpstates attached at once (same events; each "
                   "slows the others through the caches):", "",
