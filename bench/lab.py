@@ -27,12 +27,13 @@ HOLD_PER_PROCESS = 9_000
 
 HERE = Path(__file__).resolve().parent
 # Namespace settings: a listen backlog the churn never fills (a full queue
-# drops the handshake's last ACK and changes the transitions), and room for
-# 50k connections from one client address.
+# drops the handshake's last ACK and changes the transitions), and ephemeral
+# ports below the service ports (a client must not take a port a later
+# listener binds), ~38k of them per server port.
 SYSCTLS = {
     "net.core.somaxconn": "65535",
     "net.ipv4.tcp_max_syn_backlog": "65535",
-    "net.ipv4.ip_local_port_range": "1024 65000",
+    "net.ipv4.ip_local_port_range": f"10000 {CHURN_PORT - 1}",
     "net.ipv4.tcp_tw_reuse": "1",
 }
 
