@@ -130,7 +130,8 @@ def _checks(checks: list[dict]) -> str:
             parts.append(f"{check['counted']:,} {relation} {check['expected']:,}, "
                          f"missed {check['missed']}" + ("" if check["ok"] else " FAILED"))
         elif "printed" in check:
-            parts.append(f"printed {check['printed']:,} + lost {check['lost']:,} "
+            missed = f" + missed {check['missed']:,}" if check.get("missed") else ""
+            parts.append(f"printed {check['printed']:,} + lost {check['lost']:,}{missed} "
                          f"(workload {check['expected']:,})" + ("" if check["ok"] else " FAILED"))
         else:
             parts.append("ok" if check["ok"] else f"FAILED {check}")
