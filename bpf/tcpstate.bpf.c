@@ -13,8 +13,11 @@
  * Compile-time constants arrive through cflags from tracer/ (their one home):
  *   NSTATES, NBUCKETS, BUCKET_MIN_LOG2   state and histogram geometry
  *   NPORT_SLOTS      1 + number of service ports (slot 0 is "other")
- *   TABLE_BUCKETS    socket table rows (TABLE_WAYS sockets each)
- *   TRACE_EVENTS     defined by `tcpstate trace`: emit filtered events
+ *   TABLE_BUCKETS, TABLE_WAYS   socket table rows, and sockets per row
+ *   TRACE_EVENTS     defined by `tcpstate trace`: emit filtered events, and
+ *                    keep only what a trace needs (the socket table with
+ *                    birth, entry time and owner; no counters, histograms
+ *                    or gauges, which only `tcpstate serve` exports)
  *   RINGBUF_PAGES    with TRACE_EVENTS: ring buffer size in pages
  *   NO_SOCKET_TABLE, NO_HISTOGRAMS   bench/ only: leave a feature out to
  *                    measure its cost (figure 1 of BENCHMARKS.md)
@@ -25,15 +28,15 @@
 
 #define NFAMILIES 2
 #define NSIDES 3           /* 0 unknown/listener, 1 client, 2 server */
-#define TABLE_WAYS 16      /* sockets per table row: evictions stay rare */
+#if !defined(TABLE_WAYS) || TABLE_WAYS < 1 || TABLE_WAYS > 16
+#error "TABLE_WAYS (sockets per socket-table row) comes from tracer/probe.py"
+#endif
 #define TASK_COMM_LEN 16
 
 /* Indexes into the `counters` map; tracer/probe.py names them. */
 enum counter {
     C_EVICTIONS = 0,        /* sockets whose entry was lost to a full row */
     C_DURATION_UNKNOWN,     /* transitions of a socket with no entry time */
-    C_TABLE_INSERTS,
-    C_TABLE_REMOVES,
     C_OTHER_PROTOCOL,       /* SCTP, MPTCP: seen and skipped */
     C_RINGBUF_DROPS,        /* trace: events the ring buffer had no room for */
     C_TRACE_MATCHED,        /* trace: events that passed the filters */
@@ -46,16 +49,19 @@ enum counter {
 struct sock_entry {
     u64 born_ns;            /* 0: born before we saw it */
     u64 entered_ns;         /* when it entered `state` */
-    u32 owner_pid;          /* 0: owner not known */
     u8 state;
     u8 side;
     u8 family;
     u8 port_slot;
+#ifdef TRACE_EVENTS         /* only a trace shows the owner: serve's entries stay 24 bytes */
+    u32 owner_pid;          /* 0: owner not known */
     char owner_comm[TASK_COMM_LEN];
+#endif
 };
 
 /* A row of the socket table: keys apart from values, so that the probe of
- * all ways reads two cache lines. A key is the socket's kernel address. */
+ * all ways reads one cache line (8 ways). A key is the socket's kernel
+ * address. */
 struct table_row {
     u64 sk[TABLE_WAYS];
     struct sock_entry entry[TABLE_WAYS];
@@ -139,24 +145,42 @@ static __always_inline void count(int which)
         *value += 1;
 }
 
+/* The aggregates below exist for `tcpstate serve` only: in the trace build
+ * (TRACE_EVENTS) they compile to nothing. */
+static __always_inline void count_transition(u32 index)
+{
+#ifndef TRACE_EVENTS
+    u64 *value = transitions.lookup(&index);
+    if (value)
+        *value += 1;
+#endif
+}
+
+/* Live sockets in the table, per state; their sum is the table's entries
+ * (tracer/probe.py reads it so, no insert or remove counters needed). */
 static __always_inline void live_add(u32 index, s64 delta)
 {
+#ifndef TRACE_EVENTS
     s64 *value = live_tracked.lookup(&index);
     if (value)
         *value += delta;
+#endif
 }
 
 static __always_inline void untracked_add(u32 index)
 {
+#ifndef TRACE_EVENTS
     s64 *value = live_untracked.lookup(&index);
     if (value)
         __sync_fetch_and_add(value, 1);
+#endif
 }
 
 /* Take one socket out of the untracked pool, never below zero: a socket
  * whose state was never counted must not decrement another's. */
 static __always_inline void untracked_drain(u32 index)
 {
+#ifndef TRACE_EVENTS
     s64 *value = live_untracked.lookup(&index);
     if (!value)
         return;
@@ -167,6 +191,7 @@ static __always_inline void untracked_drain(u32 index)
         if (__sync_val_compare_and_swap(value, seen, seen - 1) == seen)
             return;
     }
+#endif
 }
 
 /* log2 slot of a duration: the smallest b with ns <= 2^b, offset so that
@@ -184,7 +209,7 @@ static __always_inline u32 duration_slot(u64 ns)
 /* One function per histogram: bcc binds a map only where it is named. */
 static __always_inline void observe_state(u32 index, u64 ns)
 {
-#ifndef NO_HISTOGRAMS   /* bench/ measures the cost of each feature */
+#if !defined(NO_HISTOGRAMS) && !defined(TRACE_EVENTS)   /* bench/ measures each feature's cost */
     u32 key = index * NBUCKETS + duration_slot(ns);
     u64 *value = state_duration_buckets.lookup(&key);
     if (value)
@@ -197,7 +222,7 @@ static __always_inline void observe_state(u32 index, u64 ns)
 
 static __always_inline void observe_connection(u32 index, u64 ns)
 {
-#ifndef NO_HISTOGRAMS
+#if !defined(NO_HISTOGRAMS) && !defined(TRACE_EVENTS)
     u32 key = index * NBUCKETS + duration_slot(ns);
     u64 *value = connection_duration_buckets.lookup(&key);
     if (value)
@@ -208,6 +233,7 @@ static __always_inline void observe_connection(u32 index, u64 ns)
 #endif
 }
 
+#ifdef TRACE_EVENTS
 /* Transitions that run in the owning process's context (a system call on
  * the socket), so the current task is the owner. All others may run in
  * softirq, where the current task is whoever was interrupted. */
@@ -218,6 +244,7 @@ static __always_inline bool owner_context(u32 old, u32 new)
            (old == TCP_CLOSE_WAIT && new == TCP_LAST_ACK) ||
            (old == TCP_LISTEN && new == TCP_CLOSE);
 }
+#endif
 
 static __always_inline u32 row_of(u64 sk)
 {
@@ -235,10 +262,8 @@ static __always_inline u32 claim_way(struct table_row *row, u64 sk)
 #pragma unroll
     for (u32 i = 0; i < TABLE_WAYS; i++) {
         if (row->sk[i] == 0 &&
-            __sync_val_compare_and_swap(&row->sk[i], 0, sk) == 0) {
-            count(C_TABLE_INSERTS);
+            __sync_val_compare_and_swap(&row->sk[i], 0, sk) == 0)
             return i;
-        }
         if (row->entry[i].entered_ns < oldest) {
             oldest = row->entry[i].entered_ns;
             victim = i;
@@ -290,26 +315,9 @@ static __always_inline u32 port_slot_of(u16 sport, u16 dport, u32 new,
 }
 
 #ifdef TRACE_EVENTS
-static __always_inline bool trace_wanted(u16 sport, u16 dport, u32 fam, u32 old, u32 new,
-                                         u64 duration_ns, u32 owner_pid)
+/* The port filters (different flags AND, the ports of one flag OR). */
+static __always_inline bool ports_wanted(struct trace_filter *filter, u16 sport, u16 dport)
 {
-    u32 zero = 0;
-    struct trace_filter *filter = trace_config.lookup(&zero);
-    if (!filter || !filter->ready)
-        return false;
-    if (filter->family_mask && !(filter->family_mask & (1u << fam)))
-        return false;
-    if (filter->state_mask &&
-        !(filter->state_mask & ((1u << old) | (1u << new))))
-        return false;
-    if (filter->transition) {
-        u32 *row = trace_transitions.lookup(&old);
-        if (!row || !(*row & (1u << new)))
-            return false;
-    }
-    if (filter->min_duration_ns &&
-        (duration_ns == ~0ULL || duration_ns < filter->min_duration_ns))
-        return false;
     u32 key;
     u8 *flags;
     if (filter->any_port) {
@@ -334,6 +342,41 @@ static __always_inline bool trace_wanted(u16 sport, u16 dport, u32 fam, u32 old,
         if (!flags || !(*flags & PORT_REMOTE))
             return false;
     }
+    return true;
+}
+
+/* The filters a socket's events all pass or all fail, decided before any
+ * table work: the family never changes, and once the local port is set
+ * (it is 0 only while a connect or listen has not bound one yet, and that
+ * first event then goes the whole way) neither port changes until CLOSE.
+ * A socket that fails them can match no event of this life, so it needs
+ * no entry: its birth, entry time and owner matter to no line. */
+static __always_inline bool never_wanted(struct trace_filter *filter, u32 fam,
+                                         u16 sport, u16 dport, bool *ports_ok)
+{
+    if (filter->family_mask && !(filter->family_mask & (1u << fam)))
+        return true;
+    *ports_ok = ports_wanted(filter, sport, dport);
+    return !*ports_ok && sport != 0;
+}
+
+/* The filters that depend on the event (states, duration, owner). */
+static __always_inline bool trace_wanted(struct trace_filter *filter, bool ports_ok,
+                                         u32 old, u32 new, u64 duration_ns, u32 owner_pid)
+{
+    if (!ports_ok)
+        return false;
+    if (filter->state_mask &&
+        !(filter->state_mask & ((1u << old) | (1u << new))))
+        return false;
+    if (filter->transition) {
+        u32 *row = trace_transitions.lookup(&old);
+        if (!row || !(*row & (1u << new)))
+            return false;
+    }
+    if (filter->min_duration_ns &&
+        (duration_ns == ~0ULL || duration_ns < filter->min_duration_ns))
+        return false;
     if (filter->pid && (owner_pid == 0 || !trace_pids.lookup(&owner_pid)))
         return false;
     return true;
@@ -361,13 +404,14 @@ static __always_inline bool kernel_worker(const char *comm)
  * its addresses and submitted; NULL when filtered out or the buffer is
  * full (counted). bcc defines the tracepoint's argument struct only at the
  * handler, so the addresses are read there, straight into the record. */
-static __always_inline struct trace_event *trace_emit(u64 sk, u16 sport, u16 dport,
-                                                      u64 now, u32 fam, u32 old, u32 new,
-                                                      u64 duration_ns, bool birth,
+static __always_inline struct trace_event *trace_emit(struct trace_filter *filter,
+                                                      bool ports_ok, u64 sk, u16 sport,
+                                                      u16 dport, u64 now, u32 fam, u32 old,
+                                                      u32 new, u64 duration_ns, bool birth,
                                                       struct sock_entry *entry)
 {
     u32 owner_pid = entry ? entry->owner_pid : 0;
-    if (!trace_wanted(sport, dport, fam, old, new, duration_ns, owner_pid))
+    if (!trace_wanted(filter, ports_ok, old, new, duration_ns, owner_pid))
         return 0;
     count(C_TRACE_MATCHED);
     struct trace_event *event = events.ringbuf_reserve(sizeof(struct trace_event));
@@ -399,6 +443,17 @@ static __always_inline struct trace_event *trace_emit(u64 sk, u16 sport, u16 dpo
 }
 #endif
 
+/* The way of `sk` in its row, or TABLE_WAYS. */
+static __always_inline u32 find_way(struct table_row *row, u64 sk)
+{
+#pragma unroll
+    for (u32 i = 0; i < TABLE_WAYS; i++) {
+        if (row->sk[i] == sk)
+            return i;
+    }
+    return TABLE_WAYS;
+}
+
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
     if (args->protocol != IPPROTO_TCP) {
@@ -421,15 +476,36 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         old = 0;
     if (new >= NSTATES)
         new = 0;
+    /* A child of a listener is born in LISTEN -> SYN_RECV under its own
+     * address; every other socket is born leaving CLOSE. */
+    bool birth = old == TCP_CLOSE || (old == TCP_LISTEN && new == TCP_SYN_RECV);
 #ifdef NO_SOCKET_TABLE
     /* bench/: the transition counters alone (no table: no durations,
      * gauge or owner). Never built by tcpstate itself. */
-    {
-        bool born = old == TCP_CLOSE || (old == TCP_LISTEN && new == TCP_SYN_RECV);
-        u32 at = TRANSITION_INDEX(port_slot_of(sport, dport, new, 0, born), fam, old, new);
-        u64 *seen = transitions.lookup(&at);
-        if (seen)
-            *seen += 1;
+    count_transition(TRANSITION_INDEX(port_slot_of(sport, dport, new, 0, birth), fam, old, new));
+    return 0;
+#endif
+#ifdef TRACE_EVENTS
+    /* Nothing happens before user space has written the filters: a socket
+     * born meanwhile is shown as one that predates the trace. */
+    u32 zero = 0;
+    struct trace_filter *filter = trace_config.lookup(&zero);
+    if (!filter || !filter->ready)
+        return 0;
+    bool ports_ok = true;
+    if (never_wanted(filter, fam, sport, dport, &ports_ok)) {
+        /* Only a socket that left CLOSE (or LISTEN's) unbound can have an
+         * entry here, from its birth, and this is its first event since
+         * its port was bound: let the entry go. */
+        if (!birth && (old == TCP_SYN_SENT || old == TCP_LISTEN)) {
+            u32 at = row_of(sk);
+            struct table_row *own = socket_table.lookup(&at);
+            if (own) {
+                u32 i = find_way(own, sk);
+                if (i < TABLE_WAYS)
+                    own->sk[i] = 0;
+            }
+        }
         return 0;
     }
 #endif
@@ -438,28 +514,15 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     struct table_row *row = socket_table.lookup(&row_index);
     if (!row)
         return 0;
-    u32 way = TABLE_WAYS;
-#pragma unroll
-    for (u32 i = 0; i < TABLE_WAYS; i++) {
-        if (row->sk[i] == sk) {
-            way = i;
-            break;
-        }
-    }
+    u32 way = find_way(row, sk);
     struct sock_entry *entry = 0;
     if (way < TABLE_WAYS)
         entry = &row->entry[way];
 
-    /* A child of a listener is born in LISTEN -> SYN_RECV under its own
-     * address; every other socket is born leaving CLOSE. */
-    bool birth = old == TCP_CLOSE || (old == TCP_LISTEN && new == TCP_SYN_RECV);
     u64 duration_ns = ~0ULL;
     u32 port = port_slot_of(sport, dport, new, entry, birth);
-
     u32 index = TRANSITION_INDEX(port, fam, old, new);
-    u64 *transition_count = transitions.lookup(&index);
-    if (transition_count)
-        *transition_count += 1;
+    count_transition(index);
 
     if (birth) {
         if (entry) {
@@ -476,7 +539,9 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         observe_state(index, duration_ns);
         live_add(LIVE_INDEX(port, fam, old), -1);
     } else {
+#ifndef TRACE_EVENTS
         count(C_DURATION_UNKNOWN);
+#endif
         untracked_drain(LIVE_INDEX(port, fam, old));
         if (new != TCP_CLOSE) {
             way = claim_way(row, sk);
@@ -484,7 +549,9 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
                 entry = &row->entry[way];
                 entry->born_ns = 0;
                 entry->side = 0;
+#ifdef TRACE_EVENTS
                 entry->owner_pid = 0;
+#endif
             }
         }
     }
@@ -502,8 +569,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
             __builtin_memcpy(entry->owner_comm, comm, TASK_COMM_LEN);
         }
     }
-    struct trace_event *event = trace_emit(sk, sport, dport, now, fam, old, new,
-                                           duration_ns, birth, entry);
+    struct trace_event *event = trace_emit(filter, ports_ok, sk, sport, dport, now, fam,
+                                           old, new, duration_ns, birth, entry);
     if (event) {
         /* IPv4 addresses go out as IPv4-mapped IPv6 ones (::ffff:a.b.c.d).
          * Copied, not dereferenced: the verifier allows only fixed ctx loads. */
@@ -521,11 +588,6 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         /* No wake-up per event: user space drains on a short timer. */
         events.ringbuf_submit(event, BPF_RB_NO_WAKEUP);
     }
-#else
-    if (entry && owner_context(old, new))
-        entry->owner_pid = bpf_get_current_pid_tgid() >> 32;
-    else if (entry && birth)
-        entry->owner_pid = 0;
 #endif
 
     if (new == TCP_CLOSE) {
@@ -534,7 +596,6 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
                 observe_connection(CONN_INDEX(port, fam, entry->side % NSIDES),
                                    now - entry->born_ns);
             row->sk[way % TABLE_WAYS] = 0;
-            count(C_TABLE_REMOVES);
         }
         return 0;
     }

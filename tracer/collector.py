@@ -185,7 +185,7 @@ class TcpstateCollector(Collector):
         counters = snap.counters
         yield GaugeMetricFamily(
             m.SOCKET_TABLE_ENTRIES, "Sockets in the per-socket table now.",
-            value=counters["table_inserts"] - counters["table_removes"],
+            value=snap.table_entries,
         )
         yield GaugeMetricFamily(
             m.SOCKET_TABLE_CAPACITY, "Sockets the per-socket table can hold (--socket-table-size).",

@@ -27,7 +27,12 @@ from .states import FAMILIES, NSTATES, SIDES
 
 log = logging.getLogger(__name__)
 
-TABLE_WAYS = 16  # bpf/tcpstate.bpf.c: sockets per socket-table row
+# Sockets per socket-table row, passed to bpf/tcpstate.bpf.c as a cflag: 8
+# keys fill one cache line, so a lookup reads one line of keys and one of
+# its entry. With 262,144 entries, 100k live sockets average 3 per row and
+# a full row (an eviction) stays rare (BENCHMARKS.md measures it).
+TABLE_WAYS = 8
+MIN_SOCKET_TABLE_SIZE = 16
 DEFAULT_SOCKET_TABLE_SIZE = 262_144
 MAX_SOCKET_TABLE_SIZE = 1 << 24
 FUNCTION = "tracepoint__sock__inet_sock_set_state"
@@ -36,8 +41,6 @@ FUNCTION = "tracepoint__sock__inet_sock_set_state"
 COUNTERS = (
     "evictions",
     "duration_unknown",
-    "table_inserts",
-    "table_removes",
     "other_protocol",
     "ringbuf_drops",
     "trace_matched",
@@ -72,9 +75,10 @@ def parse_service_ports(text: str) -> tuple[int, ...]:
 
 
 def table_rows(socket_table_size: int) -> int:
-    if not TABLE_WAYS <= socket_table_size <= MAX_SOCKET_TABLE_SIZE:
+    if not MIN_SOCKET_TABLE_SIZE <= socket_table_size <= MAX_SOCKET_TABLE_SIZE:
         raise UsageError(
-            f"--socket-table-size must be between {TABLE_WAYS} and {MAX_SOCKET_TABLE_SIZE}"
+            f"--socket-table-size must be between {MIN_SOCKET_TABLE_SIZE} "
+            f"and {MAX_SOCKET_TABLE_SIZE}"
         )
     return -(-socket_table_size // TABLE_WAYS)
 
@@ -90,6 +94,7 @@ class Snapshot:
     connection_sum_ns: np.ndarray  # [port, family, side]
     live: np.ndarray  # [port, family, state], never negative
     counters: dict[str, int] = field(default_factory=dict)
+    table_entries: int = 0  # sockets in the table: the sum of live_tracked
     table_capacity: int = 0
     missed_events: int = 0
 
@@ -186,6 +191,7 @@ class Probe:
             f"-DBUCKET_MIN_LOG2={BUCKET_MIN_LOG2}",
             f"-DNPORT_SLOTS={self.port_slots}",
             f"-DTABLE_BUCKETS={self.table_capacity // TABLE_WAYS}",
+            f"-DTABLE_WAYS={TABLE_WAYS}",
             "-Wno-ignored-attributes",
             "-Wno-unused-function",
             *extra_cflags,
@@ -293,7 +299,8 @@ class Probe:
 
     def read(self) -> Snapshot:
         counters = dict(zip(COUNTERS, (int(v) for v in self.read_map("counters"))))
-        live = self.read_map("live_tracked") + self.read_map("live_untracked")
+        tracked = self.read_map("live_tracked")
+        live = tracked + self.read_map("live_untracked")
         return Snapshot(
             transitions=self.read_map("transitions"),
             duration_buckets=self.read_map("state_duration_buckets"),
@@ -302,6 +309,8 @@ class Probe:
             connection_sum_ns=self.read_map("connection_duration_sum_ns"),
             live=np.maximum(live, 0),
             counters=counters,
+            # every table entry is a live socket counted in its state
+            table_entries=max(int(tracked.sum()), 0),
             table_capacity=self.table_capacity,
             missed_events=self.prog_stats().get("recursion_misses", 0),
         )

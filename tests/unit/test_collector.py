@@ -39,8 +39,8 @@ def example_reader() -> FakeReader:
     reader.lifetime("ipv4", "client", slot=12, count=9, sum_ns=9 * 4_000_000, port="80")
     reader.live("ipv4", "established", 4, port="80")
     reader.live("ipv4", "listen", 1, port="5432")
-    reader.snapshot.counters.update(table_inserts=12, table_removes=5, evictions=2,
-                                    duration_unknown=6, other_protocol=1)
+    reader.snapshot.counters.update(evictions=2, duration_unknown=6, other_protocol=1)
+    reader.snapshot.table_entries = 7
     reader.snapshot.missed_events = 0
     return reader
 
