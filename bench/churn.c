@@ -10,8 +10,13 @@
  * state changes (client CLOSE->SYN_SENT->ESTABLISHED->CLOSE, server child
  * LISTEN->SYN_RECV->ESTABLISHED->CLOSE); each listener adds two more.
  *
+ * With -q, each connection also carries a request and its response before
+ * the client resets it (-k exchanges of -q bytes from the client answered
+ * by -Q bytes from the server): the same six state changes, spread over
+ * more work per connection, as a service's connections are.
+ *
  *   churn [-t clients] [-s servers] [-d seconds] [-n connections] [-r per_second]
- *         [-p port] [-a address]
+ *         [-q request_bytes [-Q response_bytes] [-k exchanges]] [-p port] [-a address]
  *   churn -H connections [-p port] [-P ports] [-a address]
  *         hold that many connections open (both ends), print "ready", wait
  *         for stdin to close, then reset them all.
@@ -44,6 +49,10 @@ static long max_connections;        /* 0: no count limit */
 static double per_thread_rate;      /* connections/s per client thread; 0: flat out */
 static atomic_long claimed;         /* connections started, against max_connections */
 static atomic_int clients_done;
+static size_t request_bytes;        /* 0: no request/response */
+static size_t response_bytes;
+static int exchanges = 1;
+#define MAX_MESSAGE (1 << 20)
 
 static double now(void)
 {
@@ -98,12 +107,44 @@ static int connect_to(uint16_t port)
 struct client {
     pthread_t thread;
     uint16_t port;
-    long made, failed;
+    long made, failed, exchange_failed;
 };
+
+/* Send or receive exactly `size` bytes; 0 on success. */
+static int send_all(int fd, const char *buf, size_t size)
+{
+    while (size) {
+        ssize_t sent = send(fd, buf, size, MSG_NOSIGNAL);
+        if (sent < 0 && errno == EINTR)
+            continue;
+        if (sent <= 0)
+            return -1;
+        buf += sent;
+        size -= (size_t)sent;
+    }
+    return 0;
+}
+
+static int recv_all(int fd, char *buf, size_t size)
+{
+    while (size) {
+        ssize_t got = recv(fd, buf, size, 0);
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got <= 0)
+            return -1;
+        buf += got;
+        size -= (size_t)got;
+    }
+    return 0;
+}
 
 static void *client_loop(void *arg)
 {
     struct client *self = arg;
+    char *buf = calloc(1, MAX_MESSAGE);
+    if (!buf)
+        die("calloc");
     double next = now();
     for (;;) {
         if (max_connections && atomic_fetch_add(&claimed, 1) >= max_connections)
@@ -123,9 +164,16 @@ static void *client_loop(void *arg)
             self->failed++;
             continue;
         }
+        int ok = 1;
+        for (int i = 0; request_bytes && ok && i < exchanges; i++)
+            ok = send_all(fd, buf, request_bytes) == 0 &&
+                 recv_all(fd, buf, response_bytes) == 0;
         close(fd);  /* RST */
-        self->made++;
+        self->made++;  /* connected and reset: its six state changes happened */
+        if (!ok)
+            self->exchange_failed++;
     }
+    free(buf);
     atomic_fetch_add(&clients_done, 1);
     return NULL;
 }
@@ -138,6 +186,9 @@ struct server {
 static void *server_loop(void *arg)
 {
     struct server *self = arg;
+    char *buf = calloc(1, MAX_MESSAGE);
+    if (!buf)
+        die("calloc");
     for (;;) {
         int fd = accept(self->fd, NULL, NULL);
         if (fd < 0) {
@@ -145,6 +196,9 @@ static void *server_loop(void *arg)
                 continue;
             break;  /* shut down: the clients are done */
         }
+        for (int i = 0; request_bytes && i < exchanges; i++)
+            if (recv_all(fd, buf, request_bytes) || send_all(fd, buf, response_bytes))
+                break;
         /* Wait for the client's RST before closing: a server that closed
          * first would send a FIN and add FIN-WAIT/CLOSE-WAIT steps. */
         char byte;
@@ -154,6 +208,7 @@ static void *server_loop(void *arg)
         while (got > 0 || (got < 0 && errno == EINTR));
         close(fd);
     }
+    free(buf);
     return NULL;
 }
 
@@ -225,7 +280,7 @@ int main(int argc, char **argv)
     uint16_t port = 48000;
     const char *address = "127.0.0.1";
     int opt;
-    while ((opt = getopt(argc, argv, "t:s:d:n:r:p:P:a:H:")) != -1) {
+    while ((opt = getopt(argc, argv, "t:s:d:n:r:p:P:a:H:q:Q:k:")) != -1) {
         switch (opt) {
         case 't': nclients = atoi(optarg); break;
         case 's': nservers = atoi(optarg); break;
@@ -236,14 +291,19 @@ int main(int argc, char **argv)
         case 'P': ports = atoi(optarg); break;
         case 'a': address = optarg; break;
         case 'H': hold_count = atol(optarg); break;
+        case 'q': request_bytes = (size_t)atol(optarg); break;
+        case 'Q': response_bytes = (size_t)atol(optarg); break;
+        case 'k': exchanges = atoi(optarg); break;
         default:
             fprintf(stderr, "usage: see the comment at the top of churn.c\n");
             return 2;
         }
     }
     if (nclients < 1 || nclients > MAX_THREADS || nservers < 1 || nservers > MAX_THREADS ||
-        ports < 1 || ports > 64 || (!seconds && !max_connections && !hold_count)) {
-        fprintf(stderr, "churn: bad arguments (need -d or -n or -H; 1-64 threads, ports)\n");
+        ports < 1 || ports > 64 || (!seconds && !max_connections && !hold_count) ||
+        request_bytes > MAX_MESSAGE || response_bytes > MAX_MESSAGE || exchanges < 1) {
+        fprintf(stderr, "churn: bad arguments (need -d or -n or -H; 1-64 threads, ports; "
+                        "-q/-Q at most %d bytes, -k at least 1)\n", MAX_MESSAGE);
         return 2;
     }
     server_addr.sin_family = AF_INET;
@@ -253,6 +313,8 @@ int main(int argc, char **argv)
     }
     if (hold_count)
         return hold(hold_count, port, ports);
+    if (request_bytes && !response_bytes)
+        response_bytes = request_bytes;
 
     raise_fd_limit(1024);
     struct server servers[MAX_THREADS];
@@ -268,11 +330,12 @@ int main(int argc, char **argv)
         clients[i] = (struct client){.port = port};
         pthread_create(&clients[i].thread, NULL, client_loop, &clients[i]);
     }
-    long made = 0, failed = 0;
+    long made = 0, failed = 0, exchange_failed = 0;
     for (int i = 0; i < nclients; i++) {
         pthread_join(clients[i].thread, NULL);
         made += clients[i].made;
         failed += clients[i].failed;
+        exchange_failed += clients[i].exchange_failed;
     }
     double elapsed = now() - started;
     /* Let the servers drain the accept queues: the resets are processed by
@@ -292,8 +355,11 @@ int main(int argc, char **argv)
     double cpu = usage.ru_utime.tv_sec + usage.ru_utime.tv_usec / 1e6 +
                  usage.ru_stime.tv_sec + usage.ru_stime.tv_usec / 1e6;
     printf("{\"connections\": %ld, \"failed\": %ld, \"seconds\": %.4f, \"rate\": %.1f, "
-           "\"cpu_seconds\": %.4f, \"listeners\": %d, \"transitions\": %ld}\n",
+           "\"cpu_seconds\": %.4f, \"listeners\": %d, \"transitions\": %ld, "
+           "\"request_bytes\": %zu, \"response_bytes\": %zu, \"exchanges\": %d, "
+           "\"exchange_failed\": %ld}\n",
            made, failed, elapsed, made / elapsed, cpu, nservers,
-           TRANSITIONS_PER_CONNECTION * made + TRANSITIONS_PER_LISTENER * nservers);
-    return failed ? 3 : 0;
+           TRANSITIONS_PER_CONNECTION * made + TRANSITIONS_PER_LISTENER * nservers,
+           request_bytes, response_bytes, request_bytes ? exchanges : 0, exchange_failed);
+    return failed || exchange_failed ? 3 : 0;
 }

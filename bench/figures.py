@@ -15,7 +15,7 @@ from tracer.probe import FUNCTION, Probe
 from . import measure
 from .configs import QUICK_RATE_CONFIGS, RATE_CONFIGS, EmptyHandler, NodeExporter, Scraper, Serve, \
     Tcpstates
-from .lab import CHURN_PORT, SERVICE_PORTS, Lab
+from .lab import CHURN_PORT, DENSE, REQUEST_RESPONSE, SERVICE_PORTS, Lab, Workload
 
 # Connections per second that make ~200k transitions/s (six per connection).
 RATE_200K = 200_000 / 6
@@ -26,10 +26,12 @@ ALL_FEATURES = "+ 10 service ports (all features)"
 @dataclass
 class Settings:
     rounds: int = 8              # A/B rounds per configuration (figure 1b, 7)
-    churn_seconds: float = 2.5   # one workload run
+    churn_seconds: float = 1.5   # one workload run (two workloads per slot: ~10 min in all)
+    # figures 1b and 7: every round runs each of these in every A and B slot
+    workloads: tuple[Workload, ...] = (REQUEST_RESPONSE, DENSE)
     cost_rounds: int = 3         # figure 1
     cost_beside_peer: bool = True  # figure 1: also all at once with tcpstates
-    cpu_seconds: float = 45      # figure 2, per rate
+    cpu_seconds: float = 31      # figure 2, per rate: scrapes at 15 and 30 s
     scrape_interval: float = 15  # figure 2
     scrapes: int = 200           # figure 3
     held: tuple[int, ...] = (5_000, 50_000)  # figure 4: connections (2 sockets each)
@@ -143,34 +145,52 @@ def rate_ratios(lab: Lab, settings: Settings) -> dict:
     """Figures 1b and 7: the workload's connection rate under each
     configuration, between two untraced runs (A B A B ... A): a round's
     ratio is B over the mean of the A just before and just after it, which
-    cancels a slow drift of the machine's load."""
-    results: dict[str, list[dict]] = {}
+    cancels a slow drift of the machine's load. Each workload (dense
+    connect/reset, request/response) runs in every A and B slot, so both
+    are measured in the same rounds under the same configurations."""
+    workloads = settings.workloads
+    results: dict[str, dict[str, list[dict]]] = {w.name: {} for w in workloads}
     for round_number in range(settings.rounds):
-        baseline = lab.churn(settings.churn_seconds)
+        baseline = {w.name: lab.churn(settings.churn_seconds, workload=w) for w in workloads}
         for make in settings.rate_configs:
             foreign = len(measure.tracepoint_programs())
-            with make() as config:
-                config.mark()
-                churn = lab.churn(settings.churn_seconds)
-                rss = measure.rss_bytes(config.pid) if config.pid else None
-                verified = config.verify(churn)
-            following = lab.churn(settings.churn_seconds)
-            untraced = (baseline["rate"] + following["rate"]) / 2
-            untraced_cpu = (_cpu_per_connection(baseline) + _cpu_per_connection(following)) / 2
-            results.setdefault(config.name, []).append({
-                "round": round_number,
-                "baseline_rate": untraced, "rate": churn["rate"],
-                "ratio": churn["rate"] / untraced,
-                "cpu_us_per_connection": 1e6 * _cpu_per_connection(churn),
-                "baseline_cpu_us_per_connection": 1e6 * untraced_cpu,
-                "cpu_ratio": untraced_cpu / _cpu_per_connection(churn),
-                "transitions_per_s": churn["transitions"] / churn["seconds"],
-                "baseline_transitions_per_s": baseline["transitions"] / baseline["seconds"],
-                "other_programs_on_tracepoint": foreign,
-                "baseline_failed": baseline["failed"] + following["failed"],
-                "rss_bytes": rss, "verify": verified,
-            })
+            runs = {}
+            with contextlib.ExitStack() as stack:
+                shared = None
+                for workload in workloads:
+                    if shared is None or not shared.shared:
+                        stack.close()
+                        shared = stack.enter_context(make())
+                    config = shared
+                    config.mark()
+                    churn = lab.churn(settings.churn_seconds, workload=workload)
+                    rss = measure.rss_bytes(config.pid) if config.pid else None
+                    runs[workload.name] = (churn, rss, config.verify(churn), config.name)
+            following = {w.name: lab.churn(settings.churn_seconds, workload=w)
+                         for w in workloads}
+            for name, (churn, rss, verified, config_name) in runs.items():
+                before, after = baseline[name], following[name]
+                untraced = (before["rate"] + after["rate"]) / 2
+                untraced_cpu = (_cpu_per_connection(before) + _cpu_per_connection(after)) / 2
+                results[name].setdefault(config_name, []).append({
+                    "round": round_number,
+                    "baseline_rate": untraced, "rate": churn["rate"],
+                    "ratio": churn["rate"] / untraced,
+                    "cpu_us_per_connection": 1e6 * _cpu_per_connection(churn),
+                    "baseline_cpu_us_per_connection": 1e6 * untraced_cpu,
+                    "cpu_ratio": untraced_cpu / _cpu_per_connection(churn),
+                    "transitions_per_s": churn["transitions"] / churn["seconds"],
+                    "baseline_transitions_per_s": before["transitions"] / before["seconds"],
+                    "other_programs_on_tracepoint": foreign,
+                    "baseline_failed": before["failed"] + after["failed"],
+                    "rss_bytes": rss, "verify": verified,
+                })
             baseline = following
+    return {"workloads": {w.name: {"describe": w.describe(), "args": w.args(),
+                                   **_rate_summary(results[w.name])} for w in workloads}}
+
+
+def _rate_summary(results: dict[str, list[dict]]) -> dict:
     summary = {name: {"median_ratio": measure.median([r["ratio"] for r in rows]),
                       "ratios": [r["ratio"] for r in rows],
                       "median_cpu_ratio": measure.median([r["cpu_ratio"] for r in rows]),

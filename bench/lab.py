@@ -12,6 +12,7 @@ import os
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -36,6 +37,41 @@ SYSCTLS = {
     "net.ipv4.ip_local_port_range": f"10000 {CHURN_PORT - 1}",
     "net.ipv4.tcp_tw_reuse": "1",
 }
+
+
+@dataclass(frozen=True)
+class Workload:
+    """How bench/churn.c runs flat out: its client and server threads, and
+    the request/response each connection carries (none: connect, reset)."""
+
+    name: str
+    clients: int = 2
+    servers: int = 2
+    request_bytes: int = 0
+    response_bytes: int = 0
+    exchanges: int = 1
+
+    def args(self) -> list[str]:
+        args = ["-t", str(self.clients), "-s", str(self.servers)]
+        if self.request_bytes:
+            args += ["-q", str(self.request_bytes), "-Q", str(self.response_bytes),
+                     "-k", str(self.exchanges)]
+        return args
+
+    def describe(self) -> str:
+        threads = f"{self.clients} client and {self.servers} server threads"
+        if not self.request_bytes:
+            return f"connect, reset; {threads}"
+        return (f"connect, {self.exchanges} x ({self.request_bytes} B request, "
+                f"{self.response_bytes} B response), reset; {threads}")
+
+
+# Every connection as cheap as it can be: ~700k state changes/s on 2 cores.
+DENSE = Workload("dense")
+# Each connection does some work, as a service's do: ~200k state changes/s
+# flat out on the same 2 cores, the rate the issues' targets are set at.
+REQUEST_RESPONSE = Workload("request/response", clients=5, servers=5, request_bytes=100,
+                            response_bytes=100, exchanges=3)
 
 
 def run(*command: str) -> str:
@@ -89,11 +125,11 @@ class Lab:
         return run(*self.command(*command))
 
     def churn(self, seconds: float | None = None, connections: int | None = None,
-              rate: float | None = None, clients: int = 2, servers: int = 2,
+              rate: float | None = None, workload: Workload = DENSE,
               port: int = CHURN_PORT) -> dict:
-        """Run the churn to its end; its JSON report plus `transitions`, the
+        """Run the churn to its end; its JSON report, with `transitions`, the
         state changes the kernel must have reported for it."""
-        args = ["-t", str(clients), "-s", str(servers), "-p", str(port)]
+        args = [*workload.args(), "-p", str(port)]
         if seconds:
             args += ["-d", str(seconds)]
         if connections:
