@@ -82,7 +82,8 @@ def _digits(values: np.ndarray, width: int) -> np.ndarray:
     columns; values too wide are capped."""
     groups = -(-width // 3)
     capped = np.minimum(values.astype(np.uint64), np.uint64(10 ** width - 1))
-    remaining = capped.astype(np.int32 if width <= 9 else np.int64)  # int32 divides faster
+    small = width <= 9 or not len(capped) or int(capped.max()) < 1 << 31
+    remaining = capped.astype(np.int32 if small else np.int64)  # int32 divides faster
     out = np.empty((len(remaining), 3 * groups), np.uint8)
     for group in range(groups - 1, -1, -1):
         cells = out[:, 3 * group:3 * group + 3]
@@ -110,7 +111,11 @@ def _distinct_rows(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For the rows of an (n, k) u64 array: the index of one row of each
     distinct value, and each row's distinct value. Sorting one u64 key is
     far faster than sorting k-word keys, so rows are hashed to one word;
-    the rare collision is caught and the exact way taken."""
+    the rare collision is caught and the exact way taken. When every row
+    is the same (one address on a loopback or one-address host), inverse is
+    None: the one value stands for all rows."""
+    if (words == words[0]).all():
+        return np.zeros(1, np.intp), None
     key = words[:, 0].copy()
     for column in range(1, words.shape[1]):
         key *= np.uint64(0x9E3779B97F4A7C15)
@@ -134,7 +139,8 @@ class _Distinct:
         self._cells: dict[tuple[int, ...], np.ndarray] = {}
 
     def __call__(self, words: np.ndarray) -> np.ndarray:
-        """The cells of each row, as items of `width` bytes."""
+        """The cells of each row, as items of `width` bytes; one item when
+        every row holds the same value (it broadcasts where assigned)."""
         first, inverse = _distinct_rows(words)
         table = np.empty((len(first), self.width), np.uint8)
         for row, key in enumerate(map(tuple, words[first].tolist())):
@@ -145,7 +151,8 @@ class _Distinct:
                 text = self.render(*key)[:self.width - 1]
                 cells = self._cells[key] = _fixed([text], self.width)[0]
             table[row] = cells
-        return np.take(_cells(table), inverse)
+        items = _cells(table)
+        return items if inverse is None else np.take(items, inverse)
 
 
 def _address_text(family: int, high: int, low: int) -> str:
@@ -234,12 +241,11 @@ class TextFormat:
         owners[:, 0] = events["owner_pid"]
         owners[:, 1:] = _words(raw, EVENT.fields["owner_comm"][1], 16)
         lines["owner"] = self._owners(owners)
-        addresses = np.empty((2 * n, 3), np.uint64)
-        addresses[:n, 0] = addresses[n:, 0] = events["family"]
-        addresses[:n, 1:] = _words(raw, EVENT.fields["saddr"][1], 16)
-        addresses[n:, 1:] = _words(raw, EVENT.fields["daddr"][1], 16)
-        both = self._addresses(addresses)
-        lines["laddr"], lines["raddr"] = both[:n], both[n:]
+        addresses = np.empty((n, 3), np.uint64)
+        addresses[:, 0] = events["family"]
+        for column, field in (("laddr", "saddr"), ("raddr", "daddr")):
+            addresses[:, 1:] = _words(raw, EVENT.fields[field][1], 16)
+            lines[column] = self._addresses(addresses)
         lines["lport"] = self._ports[events["sport"]]
         lines["rport"] = self._ports[events["dport"]]
         pairs = events["oldstate"].astype(np.intp) % NSTATES * NSTATES + events["newstate"] % NSTATES
@@ -264,12 +270,18 @@ class TextFormat:
         """Time in the old state, ms with 3 decimals, and the newline; "-"
         when not known."""
         known = duration_ns != np.uint64(UNKNOWN_NS)
-        # capped at 9999999999.999 ms (115 days), far beyond any trace's own age
-        micros = np.where(known, np.minimum(duration_ns // np.uint64(1000), 10**13 - 1), 0)
+        # capped at 9999999999.999 ms (115 days), far beyond any trace's own
+        # age; signed, as numpy divides int64 faster than uint64 (2^63 ns and
+        # more, which wrap to negative, are over the cap anyway)
+        nanos = duration_ns.astype(np.int64)
+        nanos[~known] = 0
+        nanos[nanos < 0] = np.iinfo(np.int64).max
+        micros = np.minimum(nanos // 1000, 10**13 - 1)
+        millis = micros // 1000
         cells = np.empty((len(micros), 14 + 1), np.uint8)
-        cells[:, 0:10] = _digits(micros // np.uint64(1000), 10)
+        cells[:, 0:10] = _digits(millis, 10)
         cells[:, 10] = ord(".")
-        cells[:, 11:14] = _TRIPLES[micros % np.uint64(1000)]
+        cells[:, 11:14] = _TRIPLES[micros - millis * 1000]
         if not known.all():
             cells[~known, :14] = SPACE
             cells[~known, 13] = DASH
