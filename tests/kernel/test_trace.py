@@ -768,6 +768,49 @@ def test_json_records_carry_every_field(lab):
                for r in records if r["old_state"] == "close")
 
 
+def test_a_port_bound_after_the_first_event_keeps_its_birth_and_owner(lab):
+    """A client that connects without bind() has local port 0 in its
+    CLOSE -> SYN_SENT event: the kernel picks the port just after. An
+    --lport filter on that port cannot match the first event, yet the
+    kernel must still record the socket's birth, entry time and owner then,
+    so that its later lines carry them; a filter that never matches the
+    socket prints none of its events."""
+    port = next_port()
+    # The client's namespace hands out these two ephemeral ports only.
+    ephemeral = (41000, 41001)
+    with inside(lab.client):
+        saved = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        Path("/proc/sys/net/ipv4/ip_local_port_range").write_text("%d %d" % ephemeral)
+    try:
+        with lab.listener(IPV4, port) as listener, \
+                Trace("--json", "--lport", ",".join(map(str, ephemeral))) as wanted, \
+                Trace("--json", "--lport", "41002", "--rport", str(port)) as unwanted:
+            client = lab.socket("client", IPV4)
+            client.connect((lab.address(IPV4, "server"), port))
+            client_port = client.getsockname()[1]
+            server, _ = listener.accept()
+            time.sleep(0.01)
+            client.close()
+            assert server.recv(1) == b""
+            server.close()
+            wanted, unwanted = wanted.stop(), unwanted.stop()
+    finally:
+        with inside(lab.client):
+            Path("/proc/sys/net/ipv4/ip_local_port_range").write_text(saved)
+    assert client_port in ephemeral
+    records = [r for r in wanted.records()
+               if (r["local_port"], r["remote_port"]) == (client_port, port)]
+    assert [(r["old_state"], r["new_state"]) for r in records] == [
+        ("syn_sent", "established"), ("established", "fin_wait1"),
+        ("fin_wait1", "fin_wait2"), ("fin_wait2", "close")]
+    for record in records:
+        assert record["side"] == "client"
+        assert record["pid"] == os.getpid() and record["comm"] == my_comm()
+        assert 0 <= record["duration_ns"] <= record["lifetime_ns"]
+    assert len({r["socket_id"] for r in records}) == 1
+    assert not [r for r in unwanted.records() if port in (r["local_port"], r["remote_port"])]
+
+
 def test_json_socket_ids_and_durations(lab):
     port, mine = next_port(), Mine(lab)
     held = 0.3
