@@ -24,6 +24,8 @@ import errno
 import http.client
 import io
 import logging
+import os
+import selectors
 import signal
 import socket
 import ssl
@@ -164,7 +166,36 @@ class _Server(ThreadingHTTPServer):
         self.address_family = socket.AF_INET6 if ":" in host or host == "" else socket.AF_INET
         self.tls = tls
         self.connections = _Connections(MAX_CONNECTIONS)
+        # before binding: a failed bind calls server_close(), which closes it
+        self._wake_read, self._wake_write = os.pipe()
         super().__init__((host or "::", address[1]), handler)
+
+    def serve_until_stopped(self) -> None:
+        """Accept connections until stop(). Blocks in one select on the
+        listening socket and a pipe, so an idle exporter sleeps until a
+        scraper connects (serve_forever would wake every poll interval to
+        look at its shutdown flag)."""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self, selectors.EVENT_READ)
+            selector.register(self._wake_read, selectors.EVENT_READ)
+            while True:
+                ready = {key.fileobj for key, _ in selector.select()}
+                if self._wake_read in ready:
+                    return
+                self.handle_request()  # the socket is readable: accepts at once
+
+    def stop(self) -> None:
+        """Make serve_until_stopped() return (from another thread)."""
+        os.write(self._wake_write, b"x")
+
+    def server_close(self) -> None:
+        super().server_close()
+        for fd in (self._wake_read, self._wake_write):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._wake_read = self._wake_write = -1
 
     def server_bind(self) -> None:
         if self.address_family == socket.AF_INET6:
@@ -407,14 +438,17 @@ def serve(
             report(f"tcpstate: dry run ok: {loaded}; maps readable")
             return 0
         log.info("%s", loaded)
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
-                                  name="tcpstate-http", daemon=True)
+        thread = threading.Thread(target=server.serve_until_stopped, name="tcpstate-http",
+                                  daemon=True)
         thread.start()
         log.info("serving %s on %s://%s", telemetry_path,
                  web_config.scheme if web_config else "http", listen_address)
-        while not stop.wait(0.5):
+        # Idle, the process sleeps: the signal handler wakes this wait (the
+        # timeout only bounds it), the pipe wakes the HTTP thread.
+        while not stop.wait(3600):
             pass
-        server.shutdown()
+        server.stop()
+        thread.join(5)
         return 0
     finally:
         if server is not None:
