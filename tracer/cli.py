@@ -149,7 +149,7 @@ def _add_log_level(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .prereq import check_all
+    from .prereq import RUN_AS_NEEDS, SERVE_NEEDS, check_all
 
     logging.basicConfig(
         level=LOG_LEVELS[args.log_level], stream=sys.stderr,
@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "serve":
         from .serve import serve
 
-        check_all()
+        check_all(SERVE_NEEDS, *([RUN_AS_NEEDS] if args.run_as else []))
         return serve(
             listen_address=args.listen_address,
             telemetry_path=args.telemetry_path,

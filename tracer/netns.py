@@ -17,6 +17,8 @@ import threading
 from collections import Counter
 from typing import Callable, TypeVar
 
+from .errors import EXIT_PRIVILEGES, PrerequisiteError
+
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 _T = TypeVar("_T")
@@ -27,9 +29,19 @@ _FULL_SOCKET_MIN_FIELDS = 17
 _TIME_WAIT_CODE = 6
 
 
-def _setns(fd: int) -> None:
+class NamespaceAccessError(PrerequisiteError):
+    """A namespace exists but we may not enter it (no CAP_SYS_ADMIN)."""
+
+    def __init__(self, path: str, err: int):
+        super().__init__(f"cannot enter the network namespace {path}: {os.strerror(err)} "
+                         "(entering other namespaces needs CAP_SYS_ADMIN)", EXIT_PRIVILEGES)
+
+
+def _setns(fd: int, path: str = "") -> None:
     if _libc.setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
+        if path:
+            raise NamespaceAccessError(path, err)
         raise OSError(err, os.strerror(err))
 
 
@@ -49,7 +61,8 @@ def namespace_paths() -> list[str]:
 
 def in_every_namespace(read: Callable[[], _T]) -> list[_T]:
     """Call `read` once inside each network namespace; namespaces that
-    vanish while we walk are skipped."""
+    vanish while we walk are skipped, one we may not enter raises
+    NamespaceAccessError."""
     results: list[_T] = []
     failure: list[BaseException] = []
 
@@ -62,14 +75,17 @@ def in_every_namespace(read: Callable[[], _T]) -> list[_T]:
                 except OSError:
                     continue
                 try:
-                    _setns(fd)
+                    _setns(fd, path)
                 finally:
                     os.close(fd)
                 results.append(read())
         except BaseException as exc:  # reported in the caller's thread
             failure.append(exc)
         finally:
-            _setns(home)
+            try:
+                _setns(home)  # tidy only: the thread ends here, and with it its namespace
+            except OSError:
+                pass
             os.close(home)
 
     worker = threading.Thread(target=walk, name="tcpstate-netns", daemon=True)

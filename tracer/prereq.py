@@ -3,21 +3,24 @@
 Each failed check raises PrerequisiteError with its own exit code and a line
 that says how to fix it. The paths can be pointed elsewhere through
 environment variables, which is how the tests reach every failure:
-TCPSTATE_TRACEFS, TCPSTATE_TRACEPOINT (category:name), TCPSTATE_KERNEL_HEADERS.
+TCPSTATE_TRACEFS, TCPSTATE_TRACEPOINT (category:name), TCPSTATE_KERNEL_HEADERS,
+TCPSTATE_KERNEL_RELEASE (as `uname -r` prints it).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from .errors import (
     EXIT_HEADERS,
     EXIT_PRIVILEGES,
     EXIT_TRACEFS,
-    EXIT_TRACEPOINT,
+    EXIT_KERNEL,
     PrerequisiteError,
 )
 
@@ -27,6 +30,13 @@ DEFAULT_TRACEFS = "/sys/kernel/tracing"
 CAP_SYS_ADMIN = 21
 CAP_PERFMON = 38
 CAP_BPF = 39
+
+
+# The oldest kernel each part works on, and why: checked before compiling,
+# so an old kernel gets one line instead of a verifier or bpf(2) error.
+SERVE_NEEDS = ((5, 6), "serve reads its maps with BPF_MAP_LOOKUP_BATCH")
+TRACE_NEEDS = ((5, 8), "trace uses a BPF ring buffer")
+RUN_AS_NEEDS = ((6, 5), "--run-as needs map descriptors that work without CAP_BPF")
 
 
 @dataclass(frozen=True)
@@ -58,14 +68,14 @@ def check_privileges() -> None:
 
 def check_tracefs(path: Path, mount: bool = True) -> Path:
     """tracefs must be mounted: mount it when it is not and we may."""
-    if (path / "events").is_dir():
+    if _is((path / "events").is_dir):
         return path
-    if mount and path.is_dir():
+    if mount and _is(path.is_dir):
         result = subprocess.run(
             ["mount", "-t", "tracefs", "tracefs", str(path)],
             capture_output=True, text=True,
         )
-        if result.returncode == 0 and (path / "events").is_dir():
+        if result.returncode == 0 and _is((path / "events").is_dir):
             return path
     raise PrerequisiteError(
         f"tracefs is not mounted at {path} and could not be mounted: "
@@ -76,23 +86,52 @@ def check_tracefs(path: Path, mount: bool = True) -> Path:
 
 def check_tracepoint(tracefs: Path, tracepoint: str) -> str:
     category, _, name = tracepoint.partition(":")
-    if not (tracefs / "events" / category / name / "format").is_file():
+    if not _is((tracefs / "events" / category / name / "format").is_file):
         raise PrerequisiteError(
             f"tracepoint {tracepoint} not found under {tracefs}/events: "
             "tcpstate needs Linux 4.16 or newer",
-            EXIT_TRACEPOINT,
+            EXIT_KERNEL,
         )
     return tracepoint
+
+
+def kernel_release() -> str:
+    return os.environ.get("TCPSTATE_KERNEL_RELEASE") or os.uname().release
+
+
+def parse_release(release: str) -> tuple[int, int] | None:
+    """(major, minor) of a release such as 6.18.0-rc1-amd64; None if unreadable."""
+    numbers = re.match(r"(\d+)\.(\d+)", release)
+    return (int(numbers[1]), int(numbers[2])) if numbers else None
+
+
+def check_kernel(release: str, *needs: tuple[tuple[int, int], str]) -> None:
+    have = parse_release(release)
+    for minimum, reason in needs:
+        if have is not None and have < minimum:  # unreadable: let loading decide
+            raise PrerequisiteError(
+                f"Linux {release} is too old: {reason}, which needs "
+                f"Linux {minimum[0]}.{minimum[1]} or newer",
+                EXIT_KERNEL,
+            )
+
+
+def _is(test: Callable[[], bool]) -> bool:
+    """A path test that treats a path we may not read as absent."""
+    try:
+        return test()
+    except OSError:
+        return False
 
 
 def check_headers(modules_dir: Path, allow_kheaders: bool = True) -> Path:
     """bcc compiles against the running kernel's headers: a `build` and a
     `source` tree under /lib/modules/RELEASE (or the kheaders module)."""
-    if (modules_dir / "build" / "include" / "generated").is_dir() and (
-        modules_dir / "source" / "include" / "linux" / "kconfig.h"
-    ).is_file():
+    if _is((modules_dir / "build" / "include" / "generated").is_dir) and _is(
+        (modules_dir / "source" / "include" / "linux" / "kconfig.h").is_file
+    ):
         return modules_dir
-    if allow_kheaders and Path("/sys/kernel/kheaders.tar.xz").exists():
+    if allow_kheaders and _is(Path("/sys/kernel/kheaders.tar.xz").exists):
         return modules_dir
     raise PrerequisiteError(
         f"no kernel headers in {modules_dir}/build and source: install "
@@ -102,9 +141,12 @@ def check_headers(modules_dir: Path, allow_kheaders: bool = True) -> Path:
     )
 
 
-def check_all(mount_tracefs: bool = True) -> Prerequisites:
-    """All checks, cheapest first; raises on the first failure."""
+def check_all(*needs: tuple[tuple[int, int], str],
+              mount_tracefs: bool = True) -> Prerequisites:
+    """All checks, cheapest first; raises on the first failure. `needs`:
+    the kernel versions the command's features need (SERVE_NEEDS, ...)."""
     check_privileges()
+    check_kernel(kernel_release(), *needs)
     tracefs = check_tracefs(
         Path(os.environ.get("TCPSTATE_TRACEFS", DEFAULT_TRACEFS)), mount_tracefs
     )

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import UsageError
-from .prereq import check_all
+from .prereq import TRACE_NEEDS, check_all
 from .probe import COUNTERS, Probe
 from .ringbuf import RingBufferReader
 from .states import BY_NAME, FAMILIES, NSTATES
@@ -279,7 +279,7 @@ class _Stop:
 
 def trace(args: argparse.Namespace) -> int:
     filters = Filters.from_args(args)  # a bad flag before any work
-    check_all()
+    check_all(TRACE_NEEDS)
     stop = _Stop()
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)

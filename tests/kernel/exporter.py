@@ -8,6 +8,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import http.client
 from pathlib import Path
@@ -78,22 +79,29 @@ class Exporter:
         self.ssl_context = ssl_context
         self.headers = dict(headers or {})
         self.process: subprocess.Popen | None = None
+        # a file, not a pipe: a chatty exporter never blocks on a full pipe
+        self._log = tempfile.TemporaryFile("w+")
         self._connection: http.client.HTTPConnection | None = None
 
     def start(self, timeout: float = 60.0) -> "Exporter":
-        self.process = subprocess.Popen(self.command, env=self.env, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen(self.command, env=self.env, stdout=subprocess.DEVNULL,
+                                        stderr=self._log, text=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"tcpstate exited {self.process.returncode}: "
-                                   f"{self.process.stderr.read()}")
+                raise RuntimeError(f"tcpstate exited {self.process.returncode}: {self.log()}")
             try:
                 self.scrape()
                 return self
             except OSError:
                 time.sleep(0.1)
-        raise RuntimeError("tcpstate did not start serving in time")
+        self.stop()
+        raise RuntimeError(f"tcpstate did not start serving in time: {self.log()}")
+
+    def log(self) -> str:
+        """Everything the exporter wrote to stderr so far."""
+        self._log.seek(0)
+        return self._log.read()
 
     def scrape(self) -> Scrape:
         """One scrape over a kept-alive connection, as Prometheus does, so

@@ -118,7 +118,22 @@ def test_without_sys_ptrace_other_users_namespaces_are_missed(foreign_namespace)
 def test_without_sys_admin_no_namespace_can_be_entered():
     walked = run_python(UNIT_CAPABILITIES - {"CAP_SYS_ADMIN"}, WALK)
     assert walked.returncode != 0
+    assert "cannot enter the network namespace" in walked.stderr
     assert "Operation not permitted" in walked.stderr
+
+
+def test_without_sys_admin_serve_starts_and_says_what_it_misses():
+    """Loading needs only CAP_BPF and CAP_PERFMON: the start-up count falls
+    back to this namespace, with a warning, and the TIME-WAIT part fails
+    with a one-line reason, never a traceback."""
+    result = subprocess.run(
+        as_root_with(UNIT_CAPABILITIES - {"CAP_SYS_ADMIN"}, TCPSTATE, "serve", "--dry-run"),
+        capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in result.stderr
+    assert "only this namespace's sockets that predate start are counted" in result.stderr
+    assert result.returncode == 3, result.stderr  # the dry run reads the TIME-WAIT part too
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "tcpstate: cannot enter the network namespace")
 
 
 # Loads, attaches and reads the program, with no namespace walk.

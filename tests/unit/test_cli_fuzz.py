@@ -85,7 +85,7 @@ values = st.one_of(
 
 
 @pytest.mark.parametrize("command, flag", FLAGS)
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
 @given(value=values)
 def test_any_value_is_accepted_or_one_line_exit_2(command, flag, value):
     code, stderr = parse([command, f"{flag}={value}"])
@@ -122,7 +122,7 @@ def test_missing_value(command, flag):
     assert_one_line_usage_error(*parse([command, flag]))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25)
 @given(flag_value=st.tuples(st.sampled_from([f for c, f in FLAGS if c == "serve"]),
                             values.filter(lambda v: "\x00" not in v)))
 @example(flag_value=("--service-ports", "80,\nhttp"))

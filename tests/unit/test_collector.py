@@ -136,6 +136,18 @@ def test_a_failing_part_drops_its_data_and_reports_zero(part):
         assert tw is None and established == 4
 
 
+def test_time_wait_turned_off_is_neither_exported_nor_failing():
+    """Under --run-as the TIME-WAIT count is off: no gauge, and no failing
+    part for an alert to fire on forever."""
+    reader = example_reader()
+    reader.time_wait = None
+    value = registry_for(reader).get_sample_value
+    assert value(m.SCRAPE_SUCCESS, {"collector": "time_wait"}) is None
+    assert value(m.SCRAPE_SUCCESS, {"collector": "bpf"}) == 1
+    assert value(m.SOCKETS, {"family": "", "state": "time_wait", "port": ""}) is None
+    assert value(m.SOCKETS, {"family": "ipv4", "state": "established", "port": "80"}) == 4
+
+
 def test_registering_does_not_read_the_maps():
     reader = example_reader()
     reader.fail.update({"bpf", "time_wait"})
