@@ -149,7 +149,7 @@ ALERTS: tuple[Alert, ...] = (
         "histograms under-represent long-lived connections.",
         "Compare 'Socket table fill' on the 'tcpstate exporter health' dashboard with "
         "the node's open TCP sockets (`ss -s`). Restart tcpstate with a larger "
-        "--socket-table-size (a power of two above the peak socket count; each socket "
+        "--socket-table-size (above the peak socket count, rounded up to rows of 8; each socket "
         "costs about 32 bytes of kernel memory).",
     ),
     Alert(
@@ -161,8 +161,8 @@ ALERTS: tuple[Alert, ...] = (
         "life-cycle of this node is invisible and its other alerts cannot fire.",
         "On the node: `systemctl status tcpstate` or `kubectl -n NAMESPACE get pods -o "
         "wide` for the pod on this node, then `journalctl -u tcpstate` / `kubectl logs`. "
-        "`tcpstate serve --dry-run` says which prerequisite (tracefs, BTF, kernel "
-        "headers, privileges) is missing. Also check that the port (default 9814) is "
+        "`tcpstate serve --dry-run` says which prerequisite (privileges, tracefs, kernel version, "
+        "kernel headers) is missing. Also check that the port (default 9814) is "
         "reachable from Prometheus.",
     ),
     Alert(

@@ -16,7 +16,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 say() { echo "setup: $*"; }
 
 if [ "$(id -u)" -ne 0 ]; then
-  echo "setup: must run as root (it installs packages and mounts tracefs): " \
+  echo "setup: must run as root (it installs packages and mounts tracefs):" \
     "run \`su -c 'make ${MAKE_TARGET:-run}'\` or use a root shell" >&2
   exit 3
 fi

@@ -1,4 +1,4 @@
-"""Command line: `tcpstate serve` and `tcpstate trace`.
+"""tcpstate: the TCP connection life-cycle of this host, from eBPF.
 
 Every error a user can cause ends in one line on stderr and a documented
 exit code (tracer.errors); tracebacks are for bugs only.

@@ -102,7 +102,7 @@ def assert_restart_counts(lab: Lab, port: int, listen_port: int) -> None:
 
 # ---- faults ---------------------------------------------------------------
 def test_socket_table_full_counts_stay_exact(lab):
-    """64 entries (4 rows of 16 ways) for 2001 sockets: transitions and the
+    """64 entries (8 rows of 8 ways) for 2001 sockets: transitions and the
     gauge stay exact, evictions and skipped durations are counted."""
     port, n = 47300, 1000
     with Exporter("--socket-table-size", "64", service_ports=(port,)) as exporter:

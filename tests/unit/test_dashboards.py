@@ -195,3 +195,19 @@ def test_promtool_tests_every_alert_firing_and_not_firing():
     for alert in rules.ALERTS:
         outcomes = {bool(empty) for name, empty in cases if name == alert.alert}
         assert outcomes == {True, False}, f"{alert.alert}: needs a firing and a silent case"
+
+
+def test_grafana_provisioning_files_fit_the_dashboards():
+    """The provider loads a folder of files; the data source is of the type
+    the dashboards' `datasource` variable offers."""
+    import yaml
+
+    provisioning = generate.HERE / "provisioning"
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "tcpstate.yaml").read_text())[
+        "providers"]
+    assert provider["type"] == "file" and provider["options"]["path"].startswith("/")
+    (source,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yaml").read_text())[
+        "datasources"]
+    for uid, board in DASHBOARDS.items():
+        (variable,) = [v for v in board["templating"]["list"] if v["name"] == "datasource"]
+        assert variable["type"] == "datasource" and variable["query"] == source["type"], uid

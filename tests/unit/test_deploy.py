@@ -289,7 +289,7 @@ def test_daemonset_mounts_what_tcpstate_reads_and_writes():
 
 def test_memory_limit_covers_the_measured_peak():
     """README "Kubernetes": ~92 MiB anonymous at the clang peak, ~96 MiB of
-    mapped libraries and 18 MiB of BPF maps (default socket table)."""
+    mapped libraries and 8.7 MiB of BPF maps (default socket table)."""
     resources = daemonset_container()["resources"]
     mebibytes = {kind: int(resources[kind]["memory"].removesuffix("Mi"))
                  for kind in ("requests", "limits")}
