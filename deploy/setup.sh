@@ -25,6 +25,10 @@ fi
 packages=(python3-bpfcc python3-venv python3-pip iproute2 kmod)
 if [ "$mode" = test ]; then
   packages+=(prometheus bpftool bpfcc-tools prometheus-node-exporter procps curl gcc libc6-dev)
+  # the deployment tests: systemd-analyze, systemd-nspawn, strace
+  packages+=(systemd systemd-container strace)
+  # the Prometheus Operator schema check runs on node; any node >= 18 will do
+  command -v node >/dev/null && command -v npm >/dev/null || packages+=(nodejs npm)
   # bench/: bcc's tcpstates compiles only against Debian 12's own 6.1 headers
   packages+=("linux-headers-$(dpkg --print-architecture)")
 fi
@@ -134,4 +138,14 @@ if [ ! -f "$stamp" ] || [ "$here/pyproject.toml" -nt "$stamp" ] || [ ! -x "$venv
   touch "$stamp"
 else
   say "venv up to date: $venv"
+fi
+
+if [ "$mode" = test ]; then
+  validator=$here/deploy/kubernetes/validate
+  if [ ! -d "$validator/node_modules/@kubernetes-models/prometheus-operator" ]; then
+    say "npm ci --prefix $validator"
+    npm ci --no-audit --no-fund --prefix "$validator" >/dev/null
+  else
+    say "node modules present in $validator"
+  fi
 fi
