@@ -7,6 +7,7 @@ must prove the kernel parts, not skip them.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -34,14 +35,33 @@ def _kernel_unavailable() -> str | None:
     return None
 
 
+def _cannot_run(reason: str) -> None:
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true and a kernel test cannot run: {reason}")
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def kernel_available() -> None:
     reason = _kernel_unavailable()
     if reason:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true and a kernel test cannot run: {reason}")
-        pytest.skip(reason)
+        _cannot_run(reason)
     remove_stale_namespaces()
+
+
+CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+def require_checkout_outside_tmp_and_readable() -> None:
+    """For tests that run tcpstate from this checkout as another user, or
+    in a stand-in for a pod or a unit that gets an empty /tmp."""
+    if CHECKOUT.is_relative_to("/tmp"):
+        _cannot_run(f"the checkout {CHECKOUT} is under /tmp, which the pod and unit "
+                    "stand-ins replace by an empty one: clone it elsewhere")
+    for directory in (CHECKOUT, *CHECKOUT.parents):
+        if not directory.stat().st_mode & 0o001:
+            _cannot_run(f"the checkout {CHECKOUT} cannot be reached by other users "
+                        f"({directory} has no o+x): clone it where they can")
 
 
 @pytest.fixture(scope="session")

@@ -35,6 +35,7 @@ from ..unit.deploy_files import (
     unit_entries,
     unit_values,
 )
+from .conftest import require_checkout_outside_tmp_and_readable
 from .exporter import TCPSTATE, Exporter
 
 UNIT_CAPABILITIES = capabilities(unit_entries(UNIT))
@@ -227,6 +228,7 @@ def test_entrypoint_serves_in_a_stand_in_for_the_daemonset_pod():
     tracefs read-only, no host /run/netns, and the listed capabilities. A
     private mount namespace stands in for it (bind remounts: read-only for
     this process only)."""
+    require_checkout_outside_tmp_and_readable()
     container = daemonset_container()
     assert daemonset_capabilities() == UNIT_CAPABILITIES
     pod = "; ".join([

@@ -158,11 +158,20 @@ def test_sockets_from_before_start_are_seeded_and_drained():
 def test_churn_counted_exactly(exporter, lab):
     """A larger churn, both families at once on one port."""
     port = next(_ports)
-    before = {f: transitions_of(exporter.scrape(), f, port) for f in FAMILIES}
+    start = exporter.scrape()
+    before = {f: transitions_of(start, f, port) for f in FAMILIES}
     expected = {f: client_closes_first(lab, FAMILIES[f], port, 2000) for f in FAMILIES}
-    for f in FAMILIES:
-        assert wait_for(lambda: delta(transitions_of(exporter.scrape(), f, port),
-                                      before[f]) == expected[f])
-    scrape = exporter.scrape()
-    assert scrape.value(m.MISSED_EVENTS) == 0
+
+    def counted() -> dict[str, Counter]:
+        scrape = exporter.scrape()
+        return {f: delta(transitions_of(scrape, f, port), before[f]) for f in FAMILIES}
+
+    exact = wait_for(lambda: counted() == expected)
+    # Exact unless the kernel skipped our program (a nested BPF run on a
+    # CPU, anyone's program): then no more are missing than it skipped.
+    missed = exporter.scrape().value(m.MISSED_EVENTS) - start.value(m.MISSED_EVENTS)
+    if not exact:
+        now = counted()
+        shortfall = sum(sum((expected[f] - now[f]).values()) for f in FAMILIES)
+        assert 0 < shortfall <= missed, (now, expected, missed)
 
