@@ -66,6 +66,14 @@ def check_privileges() -> None:
     )
 
 
+def _is(test: Callable[[], bool]) -> bool:
+    """A path test that treats a path we may not read as absent."""
+    try:
+        return test()
+    except OSError:
+        return False
+
+
 def check_tracefs(path: Path, mount: bool = True) -> Path:
     """tracefs must be mounted: mount it when it is not and we may."""
     if _is((path / "events").is_dir):
@@ -114,14 +122,6 @@ def check_kernel(release: str, *needs: tuple[tuple[int, int], str]) -> None:
                 f"Linux {minimum[0]}.{minimum[1]} or newer",
                 EXIT_KERNEL,
             )
-
-
-def _is(test: Callable[[], bool]) -> bool:
-    """A path test that treats a path we may not read as absent."""
-    try:
-        return test()
-    except OSError:
-        return False
 
 
 def check_headers(modules_dir: Path, allow_kheaders: bool = True) -> Path:

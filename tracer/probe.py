@@ -266,14 +266,16 @@ class Probe:
         pool: all full sockets of every namespace, less those the table
         already tracks (born after attach but before the walk). The walk
         is repeated until the tracked counts held still around it."""
+        walk = netns.full_sockets_everywhere
         for _ in range(attempts):
             before = self.read_map("live_tracked")
             try:
-                found = netns.full_sockets_everywhere()
+                found = walk()
             except netns.NamespaceAccessError as exc:
                 log.warning("%s: only this namespace's sockets that predate start are "
                             "counted", exc)
-                found = netns.read_full_sockets()
+                walk = netns.read_full_sockets
+                found = walk()
             after = self.read_map("live_tracked")
             if np.array_equal(before, after):
                 break

@@ -176,8 +176,7 @@ def test_serve_with_the_run_as_drop_in_drops_everything_and_keeps_serving():
             fields = dict(line.split(":", 1) for line in status)
     assert fields["Uid"].split() == [str(NOBODY)] * 4
     assert int(fields["CapEff"], 16) == int(fields["CapPrm"], 16) == 0
-    assert success.pop("time_wait") == 0.0  # documented in run-as.conf
-    assert success and set(success.values()) == {1.0}, success
+    assert success == {"bpf": 1.0}  # the TIME-WAIT part is off, as run-as.conf says
 
 
 def _syscall_names(filter_value: str, systemd_analyze: str) -> set[str]:

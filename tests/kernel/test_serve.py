@@ -15,7 +15,7 @@ from tracer.states import KNOWN_TRANSITIONS
 from .conftest import SERVICE_PORTS
 from .exporter import Exporter, Scrape
 from .netlab import Lab, inside, wait_for
-from .workload import SCENARIOS, client_closes_first
+from .workload import SCENARIOS, client_closes_first, simultaneous_close_outcomes
 
 FAMILIES = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
 CONNECTIONS = 200
@@ -43,12 +43,13 @@ def test_every_transition_counted_exactly(exporter, lab, scenario, family):
     before = transitions_of(exporter.scrape(), family, port)
     n = CONNECTIONS if scenario != "simultaneous_close" else 50
     expected = SCENARIOS[scenario](lab, FAMILIES[family], port, n)
+    accepted = simultaneous_close_outcomes(n) if scenario == "simultaneous_close" else [expected]
 
     def counted() -> Counter:
         return delta(transitions_of(exporter.scrape(), family, port), before)
 
-    wait_for(lambda: counted() == expected)
-    assert counted() == expected
+    wait_for(lambda: counted() in accepted)
+    assert counted() in accepted, (counted(), expected)
 
 
 def test_known_transitions_exported_at_zero(exporter):

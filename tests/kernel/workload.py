@@ -117,8 +117,30 @@ def simultaneous_close(lab: Lab, family: int, port: int, n: int) -> Transitions:
     for client, server in pairs:
         client.close()
         server.close()
-    crossing = (("established", "fin_wait1"), ("fin_wait1", "closing"), ("closing", "close"))
-    return _times(n, CONNECT, ACCEPT, crossing, ACTIVE_CLOSE) + _times(1, LISTENER)
+    return _times(n, CONNECT, ACCEPT, CROSSING, ACTIVE_CLOSE) + _times(1, LISTENER)
+
+
+CROSSING = (("established", "fin_wait1"), ("fin_wait1", "closing"), ("closing", "close"))
+
+
+def simultaneous_close_outcomes(n: int) -> list[Transitions]:
+    """What the kernel may report for simultaneous_close on a loaded host,
+    where timers decide: per connection, the intended path (client CLOSING,
+    server FIN-WAIT-2); both ends CLOSING (the server's FIN crossed the
+    client's retransmission); or the client's retransmitted FIN reached the
+    server first (server CLOSE-WAIT, client FIN-WAIT-2). Most connections
+    must take a CLOSING path, or the scenario tested nothing."""
+    outcomes = []
+    for both in range(n + 1):
+        for passive in range(n + 1 - both):
+            intended = n - both - passive
+            if intended + both < n / 2:
+                continue
+            outcomes.append(_times(n, CONNECT, ACCEPT) + _times(1, LISTENER)
+                            + _times(intended, CROSSING, ACTIVE_CLOSE)
+                            + _times(both, CROSSING, CROSSING)
+                            + _times(passive, ACTIVE_CLOSE, PASSIVE_CLOSE))
+    return outcomes
 
 
 SCENARIOS = {
