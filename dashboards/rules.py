@@ -172,9 +172,10 @@ ALERTS: tuple[Alert, ...] = (
         "{{ $labels.instance }}: tcpstate collector {{ $labels.collector }} fails",
         "Part of tcpstate's collector fails on every scrape, so its metric families are "
         "missing from the scrape (never partial: the rest is served).",
-        "`journalctl -u tcpstate` (or the pod's logs) has one error line per failed "
-        "scrape naming the cause. `bpf` failing means the BPF maps cannot be read; "
-        "`time_wait` means a network namespace could not be entered.",
+        "`journalctl -u tcpstate` (or the pod's logs) has an error line `collector NAME "
+        "failed: CAUSE` (a repeated one is logged once). `bpf` failing means the BPF maps "
+        "cannot be read; `time_wait` means a network namespace could not be entered "
+        "though it could at start.",
     ),
 )
 

@@ -12,9 +12,10 @@ EXIT_USAGE = 2          # unknown flag, bad value, malformed config
 EXIT_PRIVILEGES = 3     # not root and no CAP_BPF + CAP_PERFMON
 EXIT_TRACEFS = 4        # tracefs not mounted and cannot be
 EXIT_HEADERS = 5        # no kernel headers for bcc
-EXIT_KERNEL = 6         # the kernel lacks the tracepoint or a BPF feature (too old)
+EXIT_TRACEPOINT = 6     # the tracepoint does not exist on this kernel
 EXIT_LISTEN = 7         # the listen address is in use or cannot be bound
 EXIT_BPF = 8            # the kernel refused to load or attach the program
+EXIT_KERNEL_VERSION = 9  # the kernel is older than the command needs
 
 EXIT_CODES = {
     EXIT_OK: "success",
@@ -23,9 +24,10 @@ EXIT_CODES = {
     EXIT_PRIVILEGES: "not enough privileges",
     EXIT_TRACEFS: "tracefs missing",
     EXIT_HEADERS: "kernel headers missing",
-    EXIT_KERNEL: "kernel too old: tracepoint or BPF feature missing",
+    EXIT_TRACEPOINT: "tracepoint missing",
     EXIT_LISTEN: "cannot listen on the web address",
     EXIT_BPF: "BPF program failed to load or attach",
+    EXIT_KERNEL_VERSION: "kernel older than the command needs",
 }
 
 

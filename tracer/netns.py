@@ -11,6 +11,7 @@ namespace with setns(2) (network namespaces are per thread) and reads
 from __future__ import annotations
 
 import ctypes
+import errno
 import glob
 import os
 import threading
@@ -37,11 +38,9 @@ class NamespaceAccessError(PrerequisiteError):
                          "(entering other namespaces needs CAP_SYS_ADMIN)", EXIT_PRIVILEGES)
 
 
-def _setns(fd: int, path: str = "") -> None:
+def _setns(fd: int) -> None:
     if _libc.setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
-        if path:
-            raise NamespaceAccessError(path, err)
         raise OSError(err, os.strerror(err))
 
 
@@ -61,8 +60,8 @@ def namespace_paths() -> list[str]:
 
 def in_every_namespace(read: Callable[[], _T]) -> list[_T]:
     """Call `read` once inside each network namespace; namespaces that
-    vanish while we walk are skipped, one we may not enter raises
-    NamespaceAccessError."""
+    vanish while we walk (or paths that are no namespace) are skipped; one
+    we may not enter raises NamespaceAccessError."""
     results: list[_T] = []
     failure: list[BaseException] = []
 
@@ -75,7 +74,11 @@ def in_every_namespace(read: Callable[[], _T]) -> list[_T]:
                 except OSError:
                     continue
                 try:
-                    _setns(fd, path)
+                    _setns(fd)
+                except OSError as exc:
+                    if exc.errno == errno.EPERM:
+                        raise NamespaceAccessError(path, exc.errno) from None
+                    continue  # not a namespace (a stale /run/netns file, say)
                 finally:
                     os.close(fd)
                 results.append(read())

@@ -20,7 +20,8 @@ from .errors import (
     EXIT_HEADERS,
     EXIT_PRIVILEGES,
     EXIT_TRACEFS,
-    EXIT_KERNEL,
+    EXIT_KERNEL_VERSION,
+    EXIT_TRACEPOINT,
     PrerequisiteError,
 )
 
@@ -96,9 +97,9 @@ def check_tracepoint(tracefs: Path, tracepoint: str) -> str:
     category, _, name = tracepoint.partition(":")
     if not _is((tracefs / "events" / category / name / "format").is_file):
         raise PrerequisiteError(
-            f"tracepoint {tracepoint} not found under {tracefs}/events: "
-            "tcpstate needs Linux 4.16 or newer",
-            EXIT_KERNEL,
+            f"tracepoint {tracepoint} not found under {tracefs}/events: this kernel "
+            "does not provide it (Linux 4.16 and newer do, if built with tracepoints)",
+            EXIT_TRACEPOINT,
         )
     return tracepoint
 
@@ -120,7 +121,7 @@ def check_kernel(release: str, *needs: tuple[tuple[int, int], str]) -> None:
             raise PrerequisiteError(
                 f"Linux {release} is too old: {reason}, which needs "
                 f"Linux {minimum[0]}.{minimum[1]} or newer",
-                EXIT_KERNEL,
+                EXIT_KERNEL_VERSION,
             )
 
 

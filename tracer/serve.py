@@ -40,6 +40,7 @@ from prometheus_client.exposition import choose_encoder
 from . import __version__
 from .collector import TcpstateCollector
 from .errors import EXIT_LISTEN, TcpstateError, UsageError
+from .netns import NamespaceAccessError
 from .probe import Probe
 from .webconfig import WebConfig
 
@@ -364,9 +365,9 @@ class _RepeatsOnce(logging.Filter):
 
 
 class _WithoutTimeWait:
-    """The probe for a collector that runs with no capabilities: entering
-    other network namespaces for their TIME-WAIT counts needs CAP_SYS_ADMIN,
-    so that part is off."""
+    """The probe for a collector without CAP_SYS_ADMIN (--run-as, or started
+    with CAP_BPF + CAP_PERFMON only): entering other network namespaces for
+    their TIME-WAIT counts needs it, so that part is off."""
 
     time_wait = None
 
@@ -413,6 +414,12 @@ def serve(
         raise
     try:
         reader = probe if run_as is None else _WithoutTimeWait(probe)
+        if run_as is None:
+            try:
+                probe.time_wait()
+            except NamespaceAccessError as exc:  # e.g. CAP_BPF + CAP_PERFMON only
+                log.warning("%s: the TIME-WAIT gauge is not exported", exc)
+                reader = _WithoutTimeWait(probe)
         collector = TcpstateCollector(reader, bcc_version=bcc_version())
         registry.register(collector)
         stats = probe.prog_stats()
@@ -430,8 +437,8 @@ def serve(
                      "CAP_SYS_ADMIN and is not exported", run_as.pw_name)
         if dry_run:
             probe.read()
-            if run_as is None:
-                probe.time_wait()
+            if reader.time_wait is not None:
+                reader.time_wait()
             report(f"tcpstate: dry run ok: {loaded}; maps readable")
             return 0
         log.info("%s", loaded)

@@ -80,7 +80,7 @@ class Exporter:
         self.headers = dict(headers or {})
         self.process: subprocess.Popen | None = None
         # a file, not a pipe: a chatty exporter never blocks on a full pipe
-        self._log = tempfile.TemporaryFile("w+")
+        self._log = tempfile.TemporaryFile("a+")  # O_APPEND: reading never moves its writes
         self._connection: http.client.HTTPConnection | None = None
 
     def start(self, timeout: float = 60.0) -> "Exporter":

@@ -24,7 +24,7 @@ import pytest
 
 from tracer import metrics as m
 from tracer.errors import (EXIT_HEADERS, EXIT_LISTEN, EXIT_PRIVILEGES, EXIT_TRACEFS,
-                           EXIT_KERNEL)
+                           EXIT_KERNEL_VERSION, EXIT_TRACEPOINT)
 from tracer.serve import MAX_CONNECTIONS
 
 from .conftest import require_checkout_outside_tmp_and_readable
@@ -338,9 +338,10 @@ PREREQUISITES = [
      "tracefs is not mounted at /nonexistent/tracing and could not be mounted"),
     ("no kernel headers", {"TCPSTATE_KERNEL_HEADERS": "/nonexistent/modules"}, [], EXIT_HEADERS,
      "no kernel headers in /nonexistent/modules"),
-    ("no tracepoint", {"TCPSTATE_TRACEPOINT": "sock:no_such_tracepoint"}, [], EXIT_KERNEL,
+    ("no tracepoint", {"TCPSTATE_TRACEPOINT": "sock:no_such_tracepoint"}, [], EXIT_TRACEPOINT,
      "tracepoint sock:no_such_tracepoint not found"),
-    ("kernel too old", {"TCPSTATE_KERNEL_RELEASE": "5.4.0-216-generic"}, [], EXIT_KERNEL,
+    ("kernel too old", {"TCPSTATE_KERNEL_RELEASE": "5.4.0-216-generic"}, [],
+     EXIT_KERNEL_VERSION,
      "Linux 5.4.0-216-generic is too old: serve reads its maps with BPF_MAP_LOOKUP_BATCH, "
      "which needs Linux 5.6 or newer"),
 ]
@@ -361,13 +362,13 @@ def test_missing_prerequisite_has_its_own_message_and_exit_code(case, env, wrapp
 
 
 @pytest.mark.parametrize("release, command, reason", [
-    ("5.7.19", ["trace"], "trace uses a BPF ring buffer, which needs Linux 5.8"),
-    ("6.4.16", ["serve", "--run-as", "nobody"], "--run-as needs map descriptors"),
+    ("5.7.19", ["trace", "--duration", "1"], "trace uses a BPF ring buffer, which needs Linux 5.8"),
+    ("6.4.16", ["serve", "--run-as", "nobody", "--dry-run"], "--run-as needs map descriptors"),
 ])
 def test_each_command_checks_the_kernel_it_needs(release, command, reason):
     result = subprocess.run([TCPSTATE, *command], capture_output=True, text=True, timeout=120,
                             env={**os.environ, "TCPSTATE_KERNEL_RELEASE": release})
-    assert result.returncode == EXIT_KERNEL, result.stderr
+    assert result.returncode == EXIT_KERNEL_VERSION, result.stderr
     assert result.stderr.startswith(f"tcpstate: Linux {release} is too old: {reason}")
     assert result.stderr.count("\n") == 1
 

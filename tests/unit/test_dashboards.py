@@ -211,3 +211,9 @@ def test_grafana_provisioning_files_fit_the_dashboards():
     for uid, board in DASHBOARDS.items():
         (variable,) = [v for v in board["templating"]["list"] if v["name"] == "datasource"]
         assert variable["type"] == "datasource" and variable["query"] == source["type"], uid
+
+
+def test_readme_shows_the_provisioning_files_as_they_are():
+    readme = (generate.HERE.parent / "README.md").read_text()
+    for path in sorted((generate.HERE / "provisioning").rglob("*.yaml")):
+        assert f"```yaml\n{path.read_text()}```" in readme, path

@@ -29,7 +29,8 @@ import yaml
 
 from tracer import __version__
 from tracer.cli import build_parser
-from tracer.errors import EXIT_HEADERS, EXIT_PRIVILEGES, EXIT_KERNEL, EXIT_USAGE
+from tracer.errors import (EXIT_HEADERS, EXIT_KERNEL_VERSION, EXIT_PRIVILEGES, EXIT_TRACEPOINT,
+                           EXIT_USAGE)
 from tracer.prereq import DEFAULT_TRACEFS
 from tracer.serve import DEFAULT_PORT, HEALTH_PATH, parse_listen_address
 
@@ -152,7 +153,7 @@ def test_unit_command_line_is_real_flags(extra_args):
 def test_unit_gives_up_only_on_errors_that_retrying_cannot_heal():
     (codes,) = unit_values(unit_entries(UNIT), "RestartPreventExitStatus")
     assert {int(code) for code in codes.split()} == {
-        EXIT_USAGE, EXIT_PRIVILEGES, EXIT_HEADERS, EXIT_KERNEL}
+        EXIT_USAGE, EXIT_PRIVILEGES, EXIT_HEADERS, EXIT_TRACEPOINT, EXIT_KERNEL_VERSION}
     assert unit_values(unit_entries(UNIT), "Restart") == ["on-failure"]
 
 

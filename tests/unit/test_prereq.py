@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tracer.errors import EXIT_HEADERS, EXIT_KERNEL, PrerequisiteError
+from tracer.errors import EXIT_HEADERS, EXIT_KERNEL_VERSION, PrerequisiteError
 from tracer.prereq import (RUN_AS_NEEDS, SERVE_NEEDS, TRACE_NEEDS, check_headers,
                            check_kernel, parse_release)
 
@@ -21,7 +21,7 @@ def test_versions_compare_as_numbers_not_text():
     check_kernel("5.10.0", SERVE_NEEDS, TRACE_NEEDS)  # "5.10" < "5.6" as text
     with pytest.raises(PrerequisiteError) as refused:
         check_kernel("5.5.19", SERVE_NEEDS)
-    assert refused.value.exit_code == EXIT_KERNEL
+    assert refused.value.exit_code == EXIT_KERNEL_VERSION
 
 
 @pytest.mark.parametrize("release, needs, ok", [
