@@ -4,11 +4,14 @@ returns plain data (dicts, lists, numbers) that bench/report.py renders."""
 from __future__ import annotations
 
 import contextlib
+import signal
+import subprocess
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
 
-from tests.kernel.exporter import Exporter, Scrape
+from tests.kernel.exporter import Exporter, Scrape, prog_ids_of
 from tracer import metrics as m
 from tracer.probe import FUNCTION, Probe
 
@@ -37,6 +40,7 @@ class Settings:
     held: tuple[int, ...] = (5_000, 50_000)  # figure 4: connections (2 sockets each)
     gauge_scrapes: int = 20      # figure 4
     first_count_repeats: int = 3  # figure 6
+    stop_repeats: int = 3        # figure 8, per signal
     exact_connections: int = 200_000
     rate_configs: tuple = RATE_CONFIGS
 
@@ -45,7 +49,7 @@ class Settings:
         return cls(rounds=1, churn_seconds=1, cost_rounds=1, cost_beside_peer=False,
                    cpu_seconds=4,
                    scrape_interval=2, scrapes=40, held=(5_000,), gauge_scrapes=5,
-                   first_count_repeats=1, exact_connections=20_000,
+                   first_count_repeats=1, stop_repeats=1, exact_connections=20_000,
                    rate_configs=QUICK_RATE_CONFIGS)
 
 
@@ -343,6 +347,44 @@ def first_count(lab: Lab, settings: Settings) -> dict:
         background.terminate()
         background.communicate()
     return {"seconds": seconds, "median_seconds": measure.median(seconds)}
+
+
+def stop_time(lab: Lab, settings: Settings) -> dict:
+    """Figure 8: seconds from SIGTERM or SIGINT to the exit of a `tcpstate
+    serve` that is counting a flat-out churn, its exit code, and whether its
+    program is gone from the kernel after it."""
+    runs = []
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            lab.churn(seconds=2, workload=REQUEST_RESPONSE)
+
+    worker = threading.Thread(target=churn, daemon=True)
+    worker.start()
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT) * settings.stop_repeats:
+            with Exporter(service_ports=SERVICE_PORTS) as exporter:
+                while exporter.scrape().total(m.TRANSITIONS,
+                                              **{m.PORT_LABEL: str(CHURN_PORT)}) == 0:
+                    time.sleep(0.02)
+                ours = prog_ids_of(exporter.process.pid)
+                sent = time.monotonic()
+                exporter.process.send_signal(sig)
+                try:
+                    code = exporter.process.wait(10)
+                except subprocess.TimeoutExpired:
+                    code = None
+                took = time.monotonic() - sent
+                left = [i for i in ours if subprocess.run(
+                    ["bpftool", "prog", "show", "id", str(i)], capture_output=True).returncode == 0]
+            runs.append({"signal": signal.Signals(sig).name, "seconds": took, "exit_code": code,
+                         "programs_left": len(left)})
+    finally:
+        stop.set()
+        worker.join()
+    return {"runs": runs, "max_seconds": max(run["seconds"] for run in runs),
+            "ok": all(run["exit_code"] == 0 and not run["programs_left"] for run in runs)}
 
 
 def exact_count(lab: Lab, settings: Settings) -> dict:

@@ -14,6 +14,7 @@ TARGET_NS = 150
 TARGET_RATIO = 0.95
 TARGET_CPU_PERCENT = 1.0
 TARGET_P99_MS = 50
+TARGET_STOP_SECONDS = 1.0    # reliability issue: SIGTERM/SIGINT during churn, exit 0 within 1 s
 TARGET_EVICTIONS = 0.01
 TARGET_TRACE_ALL = 0.9       # trace issue: printing everything, zero lost
 TARGETS = {"tcpstate serve": TARGET_RATIO, "tcpstate serve --service-ports": TARGET_RATIO,
@@ -256,6 +257,21 @@ def _exact(data: dict, figures: dict, out: Path, failures: list[str]) -> list[st
     return lines
 
 
+def _stop(data: dict, figures: dict, out: Path, failures: list[str]) -> list[str]:
+    if not data["ok"]:
+        failures.append(f"stop: {data['runs']}")
+    lines = ["### 8. Stopping `tcpstate serve` during a flat-out churn", "",
+             "| signal | seconds to exit | exit code | its programs left in the kernel |",
+             "|---|---:|---:|---:|"]
+    for run in data["runs"]:
+        lines.append(f"| {run['signal']} | {run['seconds']:.2f} | {run['exit_code']} | "
+                     f"{run['programs_left']} |")
+    worst = data["max_seconds"]
+    lines += ["", f"Target: exit 0 within {TARGET_STOP_SECONDS:.0f} s: slowest {worst:.2f} s, "
+              f"{_met(data['ok'] and worst <= TARGET_STOP_SECONDS)}."]
+    return lines
+
+
 RENDERERS = (
     ("kernel_cost", _kernel_cost),
     ("rates", _rates),
@@ -265,4 +281,5 @@ RENDERERS = (
     ("gauge", _memory),
     ("first_count", _first_count),
     ("exact", _exact),
+    ("stop", _stop),
 )

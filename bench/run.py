@@ -31,6 +31,7 @@ FIGURES = {
     "gauge": figures.gauge_scaling,
     "first_count": figures.first_count,
     "exact": figures.exact_count,
+    "stop": figures.stop_time,
 }
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
