@@ -10,8 +10,8 @@ as long as the process holds its descriptors.
 
 What is lost: entering other network namespaces (setns) needs
 CAP_SYS_ADMIN, so the kernel's per-namespace TIME-WAIT count can no longer
-be read; that part of the collector then reports
-tcpstate_scrape_collector_success{collector="time_wait"} 0.
+be read; that part of the collector is then off (serve.py), neither
+exported nor reported as failing.
 """
 
 from __future__ import annotations
