@@ -77,6 +77,18 @@ _LEADING, _BLANK = 1000, 2000
 _GROUP_CELLS = np.ascontiguousarray(_GROUPS).view("V3").ravel()
 
 
+_TIME_CELL = np.dtype({"names": ["seconds", "millis", "space"],
+                       "formats": ["V9", "V3", "S1"], "offsets": [0, 9, 12], "itemsize": 13})
+_UNKNOWN_MS = np.frombuffer(f"{'-':>14}\n".encode(), "V15")[0]
+
+
+def _triples(values: np.ndarray) -> np.ndarray:
+    """"000"-"999" for values 0-999, as an (n, 3) byte matrix: a take of
+    3-byte items is several times faster than indexing the rows of a 2-D
+    table."""
+    return np.take(_GROUP_CELLS, values).view(np.uint8).reshape(-1, 3)
+
+
 def _digits(values: np.ndarray, width: int) -> np.ndarray:
     """Decimal digits of non-negative integers, right-aligned in `width`
     columns; values too wide are capped."""
@@ -84,11 +96,12 @@ def _digits(values: np.ndarray, width: int) -> np.ndarray:
     capped = np.minimum(values.astype(np.uint64), np.uint64(10 ** width - 1))
     small = width <= 9 or not len(capped) or int(capped.max()) < 1 << 31
     remaining = capped.astype(np.int32 if small else np.int64)  # int32 divides faster
-    out = np.empty((len(remaining), 3 * groups), np.uint8)
+    # a column of 3-byte items per group: assigning items is several times
+    # faster than assigning 3 columns of bytes
+    out = np.empty((len(remaining), groups), _GROUP_CELLS.dtype)
     for group in range(groups - 1, -1, -1):
-        cells = out[:, 3 * group:3 * group + 3]
         if group < groups - 1 and not remaining.any():
-            cells[:] = _GROUPS[_BLANK]
+            out[:, group] = _GROUP_CELLS[_BLANK]
             continue
         higher = remaining // 1000
         triple = remaining - higher * 1000
@@ -97,9 +110,9 @@ def _digits(values: np.ndarray, width: int) -> np.ndarray:
         else:
             index = np.where(higher > 0, triple,
                              np.where(triple > 0, triple + _LEADING, _BLANK))
-        cells[:] = _GROUP_CELLS[index].view(np.uint8).reshape(-1, 3)
+        out[:, group] = np.take(_GROUP_CELLS, index)
         remaining = higher
-    return out[:, 3 * groups - width:]
+    return out.view(np.uint8).reshape(len(out), 3 * groups)[:, 3 * groups - width:]
 
 
 def _words(raw: np.ndarray, start: int, size: int) -> np.ndarray:
@@ -259,11 +272,11 @@ class TextFormat:
         wall_ms = self.clock.wall_ns(monotonic_ns) // 1_000_000
         zone_ms = time.localtime(int(wall_ms[0]) // 1000).tm_gmtoff * 1000
         of_day = (wall_ms + zone_ms) % 86_400_000
-        cells = np.empty((len(of_day), 12 + 1), np.uint8)
-        cells[:, :9] = self._seconds[of_day // 1000].view(np.uint8).reshape(-1, 9)
-        cells[:, 9:12] = _TRIPLES[of_day % 1000]
-        cells[:, 12] = SPACE
-        return _cells(cells)
+        cells = np.empty(len(of_day), _TIME_CELL)  # fields: items assign fast
+        cells["seconds"] = self._seconds[of_day // 1000]
+        cells["millis"] = np.take(_GROUP_CELLS, of_day % 1000)
+        cells["space"] = b" "
+        return cells.view(f"V{_TIME_CELL.itemsize}")
 
     @staticmethod
     def _milliseconds(duration_ns: np.ndarray) -> np.ndarray:
@@ -281,12 +294,12 @@ class TextFormat:
         cells = np.empty((len(micros), 14 + 1), np.uint8)
         cells[:, 0:10] = _digits(millis, 10)
         cells[:, 10] = ord(".")
-        cells[:, 11:14] = _TRIPLES[micros - millis * 1000]
-        if not known.all():
-            cells[~known, :14] = SPACE
-            cells[~known, 13] = DASH
+        cells[:, 11:14] = _triples(micros - millis * 1000)
         cells[:, 14] = ord("\n")
-        return _cells(cells)
+        items = _cells(cells)
+        if not known.all():
+            items[~known] = _UNKNOWN_MS
+        return items
 
 
 class SocketIds:
