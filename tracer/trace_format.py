@@ -120,15 +120,33 @@ def _words(raw: np.ndarray, start: int, size: int) -> np.ndarray:
     return np.ascontiguousarray(raw[:, start:start + size]).view("<u8")
 
 
-def _distinct_rows(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+_PEEL_AT_MOST = 4  # distinct values peeled before sorting instead
+
+
+def _distinct_rows(words: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """For the rows of an (n, k) u64 array: the index of one row of each
     distinct value, and each row's distinct value. Sorting one u64 key is
     far faster than sorting k-word keys, so rows are hashed to one word;
     the rare collision is caught and the exact way taken. When every row
     is the same (one address on a loopback or one-address host), inverse is
-    None: the one value stands for all rows."""
-    if (words == words[0]).all():
-        return np.zeros(1, np.intp), None
+    None: the one value stands for all rows. A few distinct values (owners:
+    a process, or "-") are peeled off one by one, three times faster than
+    sorting."""
+    inverse = np.empty(len(words), np.intp)
+    unassigned = np.ones(len(words), bool)
+    first = []
+    for value in range(_PEEL_AT_MOST):
+        row = int(np.argmax(unassigned))
+        same = words[:, 0] == words[row, 0]
+        for column in range(1, words.shape[1]):
+            same &= words[:, column] == words[row, column]
+        if value == 0 and same.all():
+            return np.zeros(1, np.intp), None
+        inverse[same] = value
+        unassigned &= ~same
+        first.append(row)
+        if not unassigned.any():
+            return np.array(first, np.intp), inverse
     key = words[:, 0].copy()
     for column in range(1, words.shape[1]):
         key *= np.uint64(0x9E3779B97F4A7C15)
