@@ -35,7 +35,6 @@ EVENT = np.dtype({
 })
 COMM_LEN = 16
 
-SPACE, DASH = ord(" "), ord("-")
 CORNER = "old \\ new"  # the summary matrix's top left cell
 
 
@@ -120,7 +119,7 @@ def _words(raw: np.ndarray, start: int, size: int) -> np.ndarray:
     return np.ascontiguousarray(raw[:, start:start + size]).view("<u8")
 
 
-_PEEL_AT_MOST = 4  # distinct values peeled before sorting instead
+_PEEL_AT_MOST = 4  # distinct values split off one by one; more are sorted
 
 
 def _distinct_rows(words: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
