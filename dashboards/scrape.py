@@ -8,7 +8,7 @@ with the same relabelling.
 from __future__ import annotations
 
 from tracer import metrics as m
-from tracer.serve import DEFAULT_PORT
+from tracer.http_server import DEFAULT_PORT
 
 from .rules import JOB
 

@@ -76,7 +76,7 @@ def _without_flag(exc: UsageError, flag: str) -> argparse.ArgumentTypeError:
 
 
 def _listen_address(text: str) -> str:
-    from .serve import parse_listen_address
+    from .http_server import parse_listen_address
 
     try:
         parse_listen_address(text)
@@ -107,7 +107,7 @@ def _run_as(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .serve import DEFAULT_LISTEN_ADDRESS
+    from .http_server import DEFAULT_LISTEN_ADDRESS
 
     parser = _Parser(prog="tcpstate", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"tcpstate {__version__}")

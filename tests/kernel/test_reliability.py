@@ -25,7 +25,7 @@ import pytest
 from tracer import metrics as m
 from tracer.errors import (EXIT_HEADERS, EXIT_LISTEN, EXIT_PRIVILEGES, EXIT_TRACEFS,
                            EXIT_KERNEL_VERSION, EXIT_TRACEPOINT)
-from tracer.serve import MAX_CONNECTIONS
+from tracer.http_server import MAX_CONNECTIONS
 
 from .conftest import require_checkout_outside_tmp_and_readable
 from .exporter import TCPSTATE, Exporter, Scrape, prog_ids_of

@@ -10,7 +10,7 @@ import pytest
 
 from tracer.cli import build_parser
 from tracer.errors import EXIT_USAGE
-from tracer.serve import DEFAULT_PORT, parse_listen_address
+from tracer.http_server import DEFAULT_PORT, parse_listen_address
 
 TCPSTATE = str(Path(sys.executable).with_name("tcpstate"))
 

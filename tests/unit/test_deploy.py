@@ -32,7 +32,7 @@ from tracer.cli import build_parser
 from tracer.errors import (EXIT_HEADERS, EXIT_KERNEL_VERSION, EXIT_PRIVILEGES, EXIT_TRACEPOINT,
                            EXIT_USAGE)
 from tracer.prereq import DEFAULT_TRACEFS
-from tracer.serve import DEFAULT_PORT, HEALTH_PATH, parse_listen_address
+from tracer.http_server import DEFAULT_PORT, HEALTH_PATH, parse_listen_address
 
 from .deploy_files import (
     CONTAINERFILE,

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter
 
 from tracer.errors import EXIT_USAGE, UsageError
-from tracer.serve import bind
+from tracer.http_server import bind
 from tracer.webconfig import load_web_config
 
 from .pki import make_pki
