@@ -133,14 +133,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--run-as", dest="run_as", type=_run_as, default=None, metavar="USER",
                        help="once attached, become USER with no capabilities "
                             "(the TIME-WAIT gauge is then not exported)")
+    _add_attach(serve)
     serve.add_argument("--dry-run", action="store_true",
                        help="check prerequisites, load, attach, read the maps once, and exit")
     _add_log_level(serve)
 
     from .trace import add_trace_parser
 
-    _add_log_level(add_trace_parser(commands))
+    trace = add_trace_parser(commands)
+    _add_attach(trace)
+    _add_log_level(trace)
     return parser
+
+
+def _add_attach(parser: argparse.ArgumentParser) -> None:
+    from .program import ATTACH_CHOICES, AUTO
+
+    parser.add_argument(
+        "--attach", choices=ATTACH_CHOICES, default=AUTO,
+        help="raw_tracepoint: no map read or other BPF program makes the kernel skip "
+             "events (needs BTF, /sys/kernel/btf/vmlinux); tracepoint: the classic "
+             "tracepoint, for kernels without BTF; auto (default): the raw tracepoint "
+             "where BTF allows")
 
 
 def _add_log_level(parser: argparse.ArgumentParser) -> None:
@@ -156,10 +170,14 @@ def run(args: argparse.Namespace) -> int:
         format="ts=%(asctime)s level=%(levelname)s msg=%(message)s",
     )
     if args.command == "serve":
+        from .program import choose_attachment
         from .serve import serve
 
-        check_all(SERVE_NEEDS, *([RUN_AS_NEEDS] if args.run_as else []))
+        attachment = choose_attachment(args.attach)
+        check_all(SERVE_NEEDS, *([RUN_AS_NEEDS] if args.run_as else []),
+                  attach=attachment.kind)
         return serve(
+            attachment=attachment,
             listen_address=args.listen_address,
             telemetry_path=args.telemetry_path,
             service_ports=args.service_ports,

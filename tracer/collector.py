@@ -44,9 +44,11 @@ class TcpstateCollector(Collector):
     """Reads the maps once per scrape. A part that fails drops its own
     families and reports tcpstate_scrape_collector_success{collector} 0."""
 
-    def __init__(self, reader: Reader, bcc_version: str = "", kernel: str = ""):
+    def __init__(self, reader: Reader, bcc_version: str = "", kernel: str = "",
+                 attach: str = ""):
         self.reader = reader
         self.bcc_version = bcc_version
+        self.attach = attach
         self.kernel = kernel or os.uname().release
 
     def describe(self) -> Iterable[Metric]:
@@ -178,10 +180,11 @@ class TcpstateCollector(Collector):
             )
         yield info
         build = GaugeMetricFamily(
-            m.BUILD_INFO, "tcpstate's version, the bcc it runs on, and the kernel.",
+            m.BUILD_INFO, "tcpstate's version, the bcc it runs on, the kernel, and how the "
+            "program attaches (raw_tracepoint, or the classic tracepoint without BTF).",
             labels=list(m.BUILD_INFO_LABELS),
         )
-        build.add_metric([__version__, self.bcc_version, self.kernel], 1)
+        build.add_metric([__version__, self.bcc_version, self.kernel, self.attach], 1)
         yield build
         if snap is None:
             return
@@ -202,12 +205,18 @@ class TcpstateCollector(Collector):
              "exporter, or evicted): counted, never observed as a duration."),
             (m.OTHER_PROTOCOL, "other_protocol",
              "State changes of non-TCP sockets (SCTP, MPTCP) seen and skipped."),
+            (m.STALE_ENTRIES, "stale_entries",
+             "Transitions of a socket whose table entry held another state than the "
+             "one it left: a transition of it was not seen. The entry's count left "
+             "its state; the transition's duration is unknown."),
         ):
             yield CounterMetricFamily(m.family_name(name), text, value=counters[key])
         yield CounterMetricFamily(
             m.family_name(m.MISSED_EVENTS),
-            "Events the kernel did not run the program for, because it was already "
-            "running on that CPU (recursion_misses).",
+            "Events the kernel did not run the program for (recursion_misses): on the "
+            "raw tracepoint, its own nested runs; on the classic tracepoint, also "
+            "those skipped while another BPF program or a map read ran on that CPU "
+            "(counted since Linux 6.7).",
             value=snap.missed_events,
         )
 

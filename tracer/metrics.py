@@ -19,6 +19,7 @@ SOCKET_TABLE_EVICTIONS = f"{PREFIX}_socket_table_evictions_total"
 DURATION_UNKNOWN = f"{PREFIX}_duration_unknown_total"
 MISSED_EVENTS = f"{PREFIX}_bpf_missed_events_total"
 OTHER_PROTOCOL = f"{PREFIX}_other_protocol_events_total"
+STALE_ENTRIES = f"{PREFIX}_socket_table_stale_entries_total"
 BUILD_INFO = f"{PREFIX}_build_info"
 SCRAPE_SUCCESS = f"{PREFIX}_scrape_collector_success"
 SCRAPE_DURATION = f"{PREFIX}_scrape_collector_duration_seconds"
@@ -31,7 +32,7 @@ def family_name(metric: str) -> str:
 
 # ---- histogram buckets -------------------------------------------------
 # The kernel files a duration of `ns` nanoseconds in log2 slot b, the
-# smallest b with ns <= 2**b (bpf/tcpstate.bpf.c, duration_slot). Slot 0
+# smallest b with ns <= 2**b (bpf/tcpstate.h, duration_slot). Slot 0
 # holds everything up to 2**BUCKET_MIN_LOG2 ns (~1 us); the last slot is
 # +Inf. 2**42 ns is 73 minutes, so the finite bounds reach past 1 h.
 BUCKET_MIN_LOG2 = 10
@@ -70,7 +71,7 @@ TRANSITION_LABELS = ("family", "old_state", "new_state")
 CONNECTION_LABELS = ("family", "side")
 SOCKETS_LABELS = ("family", "state")
 STATE_INFO_LABELS = ("state", "kernel_code", "mib_code", "rfc793_name")
-BUILD_INFO_LABELS = ("version", "bcc_version", "kernel")
+BUILD_INFO_LABELS = ("version", "bcc_version", "kernel", "attach")
 PORT_LABEL = "port"
 OTHER_PORT = "other"
 

@@ -35,8 +35,8 @@ CAP_BPF = 39
 
 # The oldest kernel each part works on, and why: checked before compiling,
 # so an old kernel gets one line instead of a verifier or bpf(2) error.
-SERVE_NEEDS = ((5, 6), "serve reads its maps with BPF_MAP_LOOKUP_BATCH")
-TRACE_NEEDS = ((5, 8), "trace uses a BPF ring buffer")
+SERVE_NEEDS = ((5, 12), "its program uses BPF compare-and-swap (BPF_CMPXCHG)")
+TRACE_NEEDS = ((5, 12), "its program uses BPF compare-and-swap (BPF_CMPXCHG) and a ring buffer")
 RUN_AS_NEEDS = ((6, 5), "--run-as needs map descriptors that work without CAP_BPF")
 
 
@@ -143,17 +143,18 @@ def check_headers(modules_dir: Path, allow_kheaders: bool = True) -> Path:
 
 
 def check_all(*needs: tuple[tuple[int, int], str],
-              mount_tracefs: bool = True) -> Prerequisites:
+              mount_tracefs: bool = True, attach: str = "tracepoint") -> Prerequisites:
     """All checks, cheapest first; raises on the first failure. `needs`:
-    the kernel versions the command's features need (SERVE_NEEDS, ...)."""
+    the kernel versions the command's features need (SERVE_NEEDS, ...).
+    `attach`: the path tracer/program.py chose; the raw tracepoint needs
+    no tracefs (exit 4) and no tracepoint format file (exit 6)."""
     check_privileges()
     check_kernel(kernel_release(), *needs)
-    tracefs = check_tracefs(
-        Path(os.environ.get("TCPSTATE_TRACEFS", DEFAULT_TRACEFS)), mount_tracefs
-    )
-    tracepoint = check_tracepoint(
-        tracefs, os.environ.get("TCPSTATE_TRACEPOINT", TRACEPOINT)
-    )
+    tracefs = Path(os.environ.get("TCPSTATE_TRACEFS", DEFAULT_TRACEFS))
+    tracepoint = os.environ.get("TCPSTATE_TRACEPOINT", TRACEPOINT)
+    if attach != "raw_tracepoint":
+        tracefs = check_tracefs(tracefs, mount_tracefs)
+        tracepoint = check_tracepoint(tracefs, tracepoint)
     override = os.environ.get("TCPSTATE_KERNEL_HEADERS")
     headers = check_headers(
         Path(override or f"/lib/modules/{os.uname().release}"),

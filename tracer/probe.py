@@ -1,16 +1,17 @@
-"""Loads bpf/tcpstate.bpf.c with bcc, attaches it to the tracepoint
-sock:inet_sock_set_state, and reads its maps.
+"""Compiles the program tracer/program.py chooses with bcc, writes its
+configuration maps, attaches it last (so no event runs half-configured),
+and reads its maps.
 
-The kernel aggregates; this module only copies whole per-CPU arrays out with
-one BPF_MAP_LOOKUP_BATCH call each (Linux >= 5.6) and sums the CPUs with
-numpy, so a read costs the same whatever the event rate.
+Serve's maps are memory-mapped arrays (tracer/maps.py): a read is a copy of
+memory and a sum over CPUs with numpy, no system call, so it costs the same
+whatever the event rate and opens no window in which the kernel skips
+tracing programs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes as ct
-import errno
 import logging
 import os
 import tempfile
@@ -22,43 +23,25 @@ import numpy as np
 
 from . import netns
 from .errors import EXIT_BPF, TcpstateError, UsageError
-from .metrics import BUCKET_MIN_LOG2, MAX_SERVICE_PORTS, NBUCKETS, OTHER_PORT
+from .maps import MappedArray, WrappingSums
+from .metrics import MAX_SERVICE_PORTS, NBUCKETS, OTHER_PORT
+from .program import (AUTO, COUNTERS, FUNCTION, RAW_TRACEPOINT, TABLE_WAYS, Attachment,
+                      bpf_dir, cflags, choose_attachment, possible_cpus)
 from .states import FAMILIES, NSTATES, SIDES
 
 log = logging.getLogger(__name__)
 
-# Sockets per socket-table row, passed to bpf/tcpstate.bpf.c as a cflag: 8
-# keys fill one cache line, so a lookup reads one line of keys and one of
-# its entry. With 262,144 entries, 100k live sockets average 3 per row and
-# a full row (an eviction) stays rare (BENCHMARKS.md measures it).
-TABLE_WAYS = 8
 MIN_SOCKET_TABLE_SIZE = 16
 DEFAULT_SOCKET_TABLE_SIZE = 262_144
 MAX_SOCKET_TABLE_SIZE = 1 << 24
-FUNCTION = "tracepoint__sock__inet_sock_set_state"
-
-# The order of `enum counter` in bpf/tcpstate.bpf.c (a unit test compares).
-COUNTERS = (
-    "evictions",
-    "duration_unknown",
-    "other_protocol",
-    "ringbuf_drops",
-    "trace_matched",
-)
 
 NFAMILIES = len(FAMILIES)
 NSIDES = len(SIDES)
 
 
-def bpf_source() -> Path:
-    """bpf/tcpstate.bpf.c: inside the installed package (the wheel puts it
-    at tracer/bpf/) or at the top of a source checkout."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "bpf", here.parent / "bpf"):
-        source = candidate / "tcpstate.bpf.c"
-        if source.is_file():
-            return source
-    raise TcpstateError(f"bpf/tcpstate.bpf.c not found next to {here}", EXIT_BPF)
+def bpf_source(command: str = "serve") -> Path:
+    """bpf/serve.bpf.c or bpf/trace.bpf.c."""
+    return bpf_dir() / f"{command}.bpf.c"
 
 
 def parse_service_ports(text: str) -> tuple[int, ...]:
@@ -99,50 +82,6 @@ class Snapshot:
     missed_events: int = 0
 
 
-def _possible_cpus() -> int:
-    from bcc.utils import get_possible_cpus
-
-    return len(get_possible_cpus())
-
-
-class _BatchArray:
-    """A BPF array read whole with BPF_MAP_LOOKUP_BATCH into numpy."""
-
-    def __init__(self, table, length: int, per_cpu: bool, dtype=np.uint64):
-        from bcc.libbcc import lib
-
-        self._lookup_batch = lib.bpf_lookup_batch
-        self._fd = table.map_fd
-        self._length = length
-        self._cpus = _possible_cpus() if per_cpu else 1
-        self._keys = np.zeros(length, dtype=np.uint32)
-        self._values = np.zeros(length * self._cpus, dtype=dtype)
-
-    def read(self) -> np.ndarray:
-        in_batch, out_batch = ct.c_uint32(0), ct.c_uint32(0)
-        count = ct.c_uint32(0)
-        keys_at, values_at = self._keys.ctypes.data, self._values.ctypes.data
-        done = 0
-        while done < self._length:
-            count.value = self._length - done
-            result = self._lookup_batch(
-                self._fd,
-                ct.byref(in_batch) if done else None,
-                ct.byref(out_batch),
-                ct.c_void_p(keys_at + 4 * done),
-                ct.c_void_p(values_at + 8 * self._cpus * done),
-                ct.byref(count),
-            )
-            done += count.value
-            if result != 0:
-                code = ct.get_errno()
-                if code == errno.ENOENT:
-                    break
-                raise TcpstateError(f"reading a BPF map failed: {os.strerror(code)}")
-            in_batch.value = out_batch.value
-        return self._values.reshape(self._length, self._cpus).sum(axis=1)
-
-
 @contextlib.contextmanager
 def _stderr_captured() -> Iterator[Path]:
     """clang prints to fd 2 while bcc compiles; keep it for the log."""
@@ -168,61 +107,134 @@ def _first_failure(output: str) -> str | None:
     return None
 
 
-class Probe:
-    """The loaded and attached BPF program and readers of its maps."""
 
-    def __init__(
-        self,
-        service_ports: Sequence[int] = (),
-        socket_table_size: int = DEFAULT_SOCKET_TABLE_SIZE,
-        extra_cflags: Sequence[str] = (),
-        seed_live_sockets: bool = True,
-    ):
+class LoadedProgram:
+    """One compiled program (bpf/<command>.bpf.c), configured by the
+    subclass in `_configure`, then attached; its counters and run stats."""
+
+    command = ""
+
+    def __init__(self, attach: str = AUTO, service_ports: Sequence[int] = (),
+                 socket_table_size: int = DEFAULT_SOCKET_TABLE_SIZE,
+                 extra_cflags: Sequence[str] = (), attachment: Attachment | None = None):
+        self.attachment = attachment or choose_attachment(attach)
+        if self.attachment.reason:
+            log.warning("attaching to the classic tracepoint, which map reads and other "
+                        "BPF programs can make skip events: %s", self.attachment.reason)
         self.service_ports = tuple(service_ports)
         self.port_slots = 1 + len(self.service_ports)
+        self.table_capacity = table_rows(socket_table_size) * TABLE_WAYS
+        self.cpus = possible_cpus()
+        flags = cflags(self.attachment, self.port_slots, self.table_capacity // TABLE_WAYS,
+                       self.cpus) + list(extra_cflags)
+        self.bpf = self._load(bpf_source(self.command), flags, self.attachment)
+        self._mapped: list[MappedArray] = []
+        try:
+            self.counters = self._mapped_array("counters", len(COUNTERS), per_cpu=True)
+            self._write_service_ports()
+            self._configure()
+            self._attach()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def attach_kind(self) -> str:
+        return self.attachment.kind
+
+    @staticmethod
+    def _load(source: Path, flags: list[str], attachment: Attachment):
+        from bcc import BPF
+
+        kind = BPF.RAW_TRACEPOINT if attachment.kind == RAW_TRACEPOINT else BPF.TRACEPOINT
+        with _stderr_captured() as clang_output:
+            try:
+                bpf = BPF(src_file=str(source).encode(), cflags=flags)
+                bpf.load_func(FUNCTION.encode(), kind)
+            except Exception as exc:
+                detail = _first_failure(clang_output.read_text()) or str(exc)
+                raise TcpstateError(
+                    f"loading {source.name} failed: {detail}", EXIT_BPF
+                ) from None
+        log.debug("loaded %s with %s", source, " ".join(flags))
+        return bpf
+
+    def _configure(self) -> None:
+        """Write what the program reads before its first event."""
+
+    def _attach(self) -> None:
+        try:
+            if self.attachment.kind == RAW_TRACEPOINT:
+                self.bpf.attach_raw_tracepoint(tp=self.attachment.target.encode(),
+                                               fn_name=FUNCTION.encode())
+            else:
+                self.bpf.attach_tracepoint(tp=self.attachment.target.encode(),
+                                           fn_name=FUNCTION.encode())
+        except Exception as exc:
+            raise TcpstateError(f"attaching to {self.attachment.kind} "
+                                f"{self.attachment.target} failed: {exc}", EXIT_BPF) from None
+
+    def _mapped_array(self, name: str, cells: int, per_cpu: bool, dtype=np.uint64,
+                      writable: bool = False) -> MappedArray:
+        cpus = self.cpus if per_cpu else 1
+        array = MappedArray(self.bpf[name].map_fd, cells * cpus, dtype, cpus, writable)
+        self._mapped.append(array)
+        return array
+
+    def _write_service_ports(self) -> None:
+        if not self.service_ports:
+            return
+        table = self.bpf["service_port_slot"]
+        for slot, port in enumerate(self.service_ports, start=1):
+            table[ct.c_int(port)] = ct.c_uint8(slot)
+
+    def read_counters(self) -> dict[str, int]:
+        return dict(zip(COUNTERS, (int(v) for v in self.counters.read())))
+
+    def prog_stats(self) -> dict[str, int]:
+        """run_time_ns, run_cnt and recursion_misses of our program, from
+        /proc/self/fdinfo (the kernel skips and counts events that arrive
+        while the program already runs on that CPU)."""
+        fd = self.bpf.funcs[FUNCTION.encode()].fd
+        stats = {}
+        with open(f"/proc/self/fdinfo/{fd}") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                if key in ("run_time_ns", "run_cnt", "recursion_misses", "prog_id"):
+                    stats[key] = int(value)
+        return stats
+
+    def close(self) -> None:
+        for array in getattr(self, "_mapped", ()):
+            array.close()
+        self._mapped = []
+        bpf, self.bpf = getattr(self, "bpf", None), None
+        if bpf is not None:
+            bpf.cleanup()
+
+
+class Probe(LoadedProgram):
+    """`tcpstate serve`'s program and readers of its maps."""
+
+    command = "serve"
+
+    def __init__(self, service_ports: Sequence[int] = (),
+                 socket_table_size: int = DEFAULT_SOCKET_TABLE_SIZE,
+                 extra_cflags: Sequence[str] = (), seed_live_sockets: bool = True,
+                 attach: str = AUTO, attachment: Attachment | None = None):
         # label values by port slot; () when ports are not labelled
         self.port_labels: tuple[str, ...] = (
-            (OTHER_PORT, *map(str, self.service_ports)) if self.service_ports else ()
+            (OTHER_PORT, *map(str, service_ports)) if service_ports else ()
         )
-        self.table_capacity = table_rows(socket_table_size) * TABLE_WAYS
-        cflags = [
-            f"-DNSTATES={NSTATES}",
-            f"-DNBUCKETS={NBUCKETS}",
-            f"-DBUCKET_MIN_LOG2={BUCKET_MIN_LOG2}",
-            f"-DNPORT_SLOTS={self.port_slots}",
-            f"-DTABLE_BUCKETS={self.table_capacity // TABLE_WAYS}",
-            f"-DTABLE_WAYS={TABLE_WAYS}",
-            "-Wno-ignored-attributes",
-            "-Wno-unused-function",
-            *extra_cflags,
-        ]
-        self.bpf = self._load(cflags)
+        super().__init__(attach, service_ports, socket_table_size, extra_cflags, attachment)
         try:
-            self._prepare_readers()
-            self._write_service_ports()
             if seed_live_sockets:
                 self.seed_live_sockets()
         except BaseException:
             self.close()
             raise
 
-    @staticmethod
-    def _load(cflags: list[str]):
-        from bcc import BPF
-
-        source = bpf_source()
-        with _stderr_captured() as clang_output:
-            try:
-                bpf = BPF(src_file=str(source).encode(), cflags=cflags)
-            except Exception as exc:
-                detail = _first_failure(clang_output.read_text()) or str(exc)
-                raise TcpstateError(
-                    f"loading {source.name} failed: {detail}", EXIT_BPF
-                ) from None
-        log.debug("loaded %s with %s", source, " ".join(cflags))
-        return bpf
-
-    def _prepare_readers(self) -> None:
+    def _configure(self) -> None:
         p, f, s, b = self.port_slots, NFAMILIES, NSTATES, NBUCKETS
         self._shapes = {
             "transitions": (p, f, s, s),
@@ -232,30 +244,24 @@ class Probe:
             "connection_duration_sum_ns": (p, f, NSIDES),
             "live_tracked": (p, f, s),
             "live_untracked": (p, f, s),
-            "counters": (len(COUNTERS),),
         }
-        self._readers = {
-            name: _BatchArray(
-                self.bpf[name],
-                int(np.prod(shape)),
-                per_cpu=name != "live_untracked",
+        self._arrays = {
+            name: self._mapped_array(
+                name, int(np.prod(shape)), per_cpu=name != "live_untracked",
                 dtype=np.int64 if name.startswith("live_") else np.uint64,
-            )
+                writable=name == "live_untracked")
             for name, shape in self._shapes.items()
         }
+        self._sums = {name: WrappingSums(self._arrays[name])
+                      for name in ("state_duration_sum_ns", "connection_duration_sum_ns")}
 
     def read_map(self, name: str) -> np.ndarray:
-        return self._readers[name].read().reshape(self._shapes[name])
-
-    def _write_service_ports(self) -> None:
-        if not self.service_ports:
-            return
-        table = self.bpf["service_port_slot"]
-        for slot, port in enumerate(self.service_ports, start=1):
-            table[ct.c_int(port)] = ct.c_uint8(slot)
+        reader = self._sums.get(name) or self._arrays[name]
+        return reader.read().reshape(self._shapes[name])
 
     def port_slot_of(self, local_port: int, remote_port: int) -> int:
-        """The slot the kernel gives a socket (bpf: port_slot_of)."""
+        """The slot the kernel gives a socket first seen after its birth
+        (bpf: port_slot_unseen)."""
         for port in (local_port, remote_port):
             if port in self.service_ports:
                 return 1 + self.service_ports.index(port)
@@ -285,27 +291,15 @@ class Probe:
                 if 0 < state < NSTATES:
                     seeded[self.port_slot_of(local_port, remote_port), family, state] += n
         seeded = np.maximum(seeded - after, 0)
-        table = self.bpf["live_untracked"]
-        for index, value in enumerate(seeded.reshape(-1)):
-            if value:
-                table[ct.c_int(index)] = ct.c_longlong(int(value))
+        self._arrays["live_untracked"].write(seeded.reshape(-1))
         log.info("seeded %d sockets that predate start", int(seeded.sum()))
 
-    def prog_stats(self) -> dict[str, int]:
-        """run_time_ns, run_cnt and recursion_misses of our program, from
-        /proc/self/fdinfo (the kernel skips and counts events that arrive
-        while the program already runs on that CPU)."""
-        fd = self.bpf.funcs[FUNCTION.encode()].fd
-        stats = {}
-        with open(f"/proc/self/fdinfo/{fd}") as info:
-            for line in info:
-                key, _, value = line.partition(":")
-                if key in ("run_time_ns", "run_cnt", "recursion_misses", "prog_id"):
-                    stats[key] = int(value)
-        return stats
+    def refresh_sums(self) -> None:
+        """Read the duration sums so that none wraps unseen (WrappingSums)."""
+        for sums in self._sums.values():
+            sums.read()
 
     def read(self) -> Snapshot:
-        counters = dict(zip(COUNTERS, (int(v) for v in self.read_map("counters"))))
         tracked = self.read_map("live_tracked")
         live = tracked + self.read_map("live_untracked")
         return Snapshot(
@@ -315,7 +309,7 @@ class Probe:
             connection_buckets=self.read_map("connection_duration_buckets"),
             connection_sum_ns=self.read_map("connection_duration_sum_ns"),
             live=np.maximum(live, 0),
-            counters=counters,
+            counters=self.read_counters(),
             # every table entry is a live socket counted in its state
             table_entries=max(int(tracked.sum()), 0),
             table_capacity=self.table_capacity,
@@ -326,7 +320,69 @@ class Probe:
         """TIME-WAIT mini-sockets in every namespace (the kernel's count)."""
         return netns.time_wait_total()
 
-    def close(self) -> None:
-        bpf, self.bpf = getattr(self, "bpf", None), None
-        if bpf is not None:
-            bpf.cleanup()
+
+# bpf/trace.bpf.c: the bits of trace_ports
+PORT_ANY_END, PORT_LOCAL, PORT_REMOTE = 1, 2, 4
+
+
+@dataclass(frozen=True)
+class TraceFilter:
+    """What trace.bpf.c's filter maps hold: the trace's flags, decided."""
+
+    ports: frozenset[int] = frozenset()  # either end
+    lports: frozenset[int] = frozenset()
+    rports: frozenset[int] = frozenset()
+    pids: frozenset[int] = frozenset()
+    family_mask: int = 0  # bit: index in FAMILIES
+    state_mask: int = 0  # bit: kernel state code
+    transition_rows: tuple[int, ...] = ()  # per old state: bit of each new state
+    min_duration_ns: int = 0
+
+
+class TraceProbe(LoadedProgram):
+    """`tcpstate trace`'s program: the filters are written before it is
+    attached, so no event passes half-configured ones."""
+
+    command = "trace"
+
+    def __init__(self, trace_filter: TraceFilter, ringbuf_pages: int, attach: str = AUTO,
+                 attachment: Attachment | None = None):
+        self.trace_filter = trace_filter
+        super().__init__(attach, extra_cflags=[f"-DRINGBUF_PAGES={ringbuf_pages}"],
+                         attachment=attachment)
+
+    def _configure(self) -> None:
+        f = self.trace_filter
+        ports = self.bpf["trace_ports"]
+        bits: dict[int, int] = {}
+        for values, bit in ((f.ports, PORT_ANY_END), (f.lports, PORT_LOCAL),
+                            (f.rports, PORT_REMOTE)):
+            for port in values:
+                bits[port] = bits.get(port, 0) | bit
+        for port, value in bits.items():
+            ports[ct.c_int(port)] = ct.c_uint8(value)
+        pids = self.bpf["trace_pids"]
+        for pid in f.pids:
+            pids[ct.c_uint32(pid)] = ct.c_uint8(1)
+        table = self.bpf["trace_transitions"]
+        for old, row in enumerate(f.transition_rows):
+            if row:
+                table[ct.c_int(old)] = ct.c_uint32(row)
+        config = self.bpf["trace_config"].Leaf()
+        config.min_duration_ns = f.min_duration_ns
+        config.state_mask = f.state_mask
+        config.family_mask = f.family_mask
+        config.any_port, config.local_port = bool(f.ports), bool(f.lports)
+        config.remote_port, config.pid = bool(f.rports), bool(f.pids)
+        config.transition = any(f.transition_rows)
+        config.ready = 1
+        self.bpf["trace_config"][ct.c_int(0)] = config
+
+    def stop_matching(self) -> None:
+        """Clear `ready`: the program matches nothing from now on."""
+        config = self.bpf["trace_config"][ct.c_int(0)]
+        config.ready = 0
+        self.bpf["trace_config"][ct.c_int(0)] = config
+
+    def ring_buffer_fd(self) -> int:
+        return self.bpf["events"].map_fd

@@ -21,9 +21,12 @@ from .collector import TcpstateCollector
 from .http_server import bind
 from .netns import NamespaceAccessError
 from .probe import Probe
+from .program import Attachment
 from .webconfig import WebConfig
 
 log = logging.getLogger(__name__)
+
+SUMS_REFRESH_SECONDS = 60
 
 
 def bcc_version() -> str:
@@ -74,6 +77,7 @@ def serve(
     web_config: WebConfig | None = None,
     run_as=None,
     report: Callable[[str], None] = print,
+    attachment: Attachment | None = None,
 ) -> int:
     """`run_as` is a pwd entry (tracer.privileges.lookup_user) or None."""
     stop = threading.Event()
@@ -93,7 +97,8 @@ def serve(
                                        web_config, scrape_lock)
     started = time.monotonic()
     try:
-        probe = Probe(service_ports=service_ports, socket_table_size=socket_table_size)
+        probe = Probe(service_ports=service_ports, socket_table_size=socket_table_size,
+                      attachment=attachment)
     except BaseException:
         if server is not None:
             server.server_close()
@@ -106,11 +111,13 @@ def serve(
             except NamespaceAccessError as exc:  # e.g. CAP_BPF + CAP_PERFMON only
                 log.warning("%s: the TIME-WAIT gauge is not exported", exc)
                 reader = _WithoutTimeWait(probe)
-        collector = TcpstateCollector(reader, bcc_version=bcc_version())
+        collector = TcpstateCollector(reader, bcc_version=bcc_version(),
+                                      attach=probe.attach_kind)
         registry.register(collector)
         stats = probe.prog_stats()
         loaded = (
-            f"loaded and attached to sock:inet_sock_set_state in "
+            f"loaded and attached to the {probe.attach_kind} "
+            f"{probe.attachment.target} in "
             f"{time.monotonic() - started:.2f}s (prog id {stats.get('prog_id')}, "
             f"socket table {probe.table_capacity} sockets, "
             f"service ports {','.join(map(str, service_ports)) or 'none'})"
@@ -133,10 +140,12 @@ def serve(
         thread.start()
         log.info("serving %s on %s://%s", telemetry_path,
                  web_config.scheme if web_config else "http", listen_address)
-        # Idle, the process sleeps: the signal handler wakes this wait (the
-        # timeout only bounds it), the pipe wakes the HTTP thread.
-        while not stop.wait(3600):
-            pass
+        # Idle, the process sleeps: the signal handler wakes this wait, the
+        # pipe wakes the HTTP thread. Once a minute the duration sums are
+        # read, so that none wraps unseen between scrapes.
+        while not stop.wait(SUMS_REFRESH_SECONDS):
+            with scrape_lock:
+                probe.refresh_sums()
         server.stop()
         thread.join(5)
         return 0

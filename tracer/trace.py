@@ -1,8 +1,8 @@
 """`tcpstate trace`: every TCP state change as it happens, one line each.
 
-Loads its own copy of bpf/tcpstate.bpf.c built with TRACE_EVENTS (so it runs
-beside `tcpstate serve`), writes the filters into the program's maps, where
-the kernel applies them before an event reaches user space, and drains the
+Loads its own program, bpf/trace.bpf.c (so it runs beside `tcpstate serve`),
+has the filters written into its maps before it is attached, where the
+kernel applies them before an event reaches user space, and drains the
 ring buffer on a short timer: the kernel submits without waking us
 (BPF_RB_NO_WAKEUP), so a busy host does not pay one wake-up per event.
 
@@ -13,7 +13,6 @@ the exit summary is exact.
 from __future__ import annotations
 
 import argparse
-import ctypes as ct
 import errno
 import logging
 import os
@@ -28,7 +27,8 @@ import numpy as np
 
 from .errors import UsageError
 from .prereq import TRACE_NEEDS, check_all
-from .probe import COUNTERS, Probe
+from .program import choose_attachment
+from .probe import TraceFilter, TraceProbe
 from .ringbuf import RingBufferReader
 from .states import BY_NAME, FAMILIES, NSTATES
 from .trace_format import EVENT, JsonFormat, TextFormat, WallClock, format_summary, \
@@ -41,9 +41,6 @@ MAX_RINGBUF_PAGES = 1 << 16   # 256 MiB
 MAX_PIDS = 1024               # bpf: trace_pids entries
 DRAIN_INTERVAL_S = 0.02       # how long events wait in the ring buffer at most
 FINAL_DRAIN_TIMEOUT_S = 0.5
-
-# bpf/tcpstate.bpf.c: the bits of trace_ports
-PORT_ANY_END, PORT_LOCAL, PORT_REMOTE = 1, 2, 4
 
 
 # ---------------------------------------------------------------- flags
@@ -183,43 +180,19 @@ class Filters:
             parts.append(f"min-ms={self.min_ms:g}")
         return " ".join(parts) or "none"
 
-    def program(self, bpf) -> None:
-        """Write the filter maps, then the config with `ready` set: the
-        program emits nothing before that."""
-        ports = bpf["trace_ports"]
-        bits: dict[int, int] = {}
-        for values, bit in ((self.ports, PORT_ANY_END), (self.lports, PORT_LOCAL),
-                            (self.rports, PORT_REMOTE)):
-            for port in values:
-                bits[port] = bits.get(port, 0) | bit
-        for port, value in bits.items():
-            ports[ct.c_int(port)] = ct.c_uint8(value)
-        pids = bpf["trace_pids"]
-        for pid in self.pids:
-            pids[ct.c_uint32(pid)] = ct.c_uint8(1)
+    def kernel_filter(self) -> TraceFilter:
+        """The filter maps' contents (tracer/probe.py writes them)."""
         rows = [0] * NSTATES
         for old, new in self.transitions:
             rows[BY_NAME[old].kernel_code] |= 1 << BY_NAME[new].kernel_code
-        table = bpf["trace_transitions"]
-        for old, row in enumerate(rows):
-            if row:
-                table[ct.c_int(old)] = ct.c_uint32(row)
-        config = bpf["trace_config"].Leaf()
-        config.min_duration_ns = round(self.min_ms * 1e6) if self.min_ms else 0
-        config.state_mask = sum(1 << BY_NAME[s].kernel_code for s in self.states)
-        config.family_mask = sum(1 << FAMILIES.index(f) for f in self.families)
-        config.any_port, config.local_port = bool(self.ports), bool(self.lports)
-        config.remote_port, config.pid = bool(self.rports), bool(self.pids)
-        config.transition = bool(self.transitions)
-        config.ready = 1
-        bpf["trace_config"][ct.c_int(0)] = config
-
-    @staticmethod
-    def stop(bpf) -> None:
-        """Clear `ready`: the program matches nothing from now on."""
-        config = bpf["trace_config"][ct.c_int(0)]
-        config.ready = 0
-        bpf["trace_config"][ct.c_int(0)] = config
+        return TraceFilter(
+            ports=frozenset(self.ports), lports=frozenset(self.lports),
+            rports=frozenset(self.rports), pids=frozenset(self.pids),
+            family_mask=sum(1 << FAMILIES.index(f) for f in self.families),
+            state_mask=sum(1 << BY_NAME[s].kernel_code for s in self.states),
+            transition_rows=tuple(rows),
+            min_duration_ns=round(self.min_ms * 1e6) if self.min_ms else 0,
+        )
 
 
 # ---------------------------------------------------------------- output
@@ -279,7 +252,8 @@ class _Stop:
 
 def trace(args: argparse.Namespace) -> int:
     filters = Filters.from_args(args)  # a bad flag before any work
-    check_all(TRACE_NEEDS)
+    attachment = choose_attachment(args.attach)
+    check_all(TRACE_NEEDS, attach=attachment.kind)
     stop = _Stop()
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
@@ -289,15 +263,14 @@ def trace(args: argparse.Namespace) -> int:
     formatter = JsonFormat(clock) if args.json else TextFormat(clock, ipv4_only=ipv4_only)
 
     pages = args.ringbuf_pages
-    probe = Probe(extra_cflags=["-DTRACE_EVENTS", f"-DRINGBUF_PAGES={pages}"],
-                  seed_live_sockets=False)
+    probe = TraceProbe(filters.kernel_filter(), pages, attachment=attachment)
     reader = None
     try:
-        events_map = probe.bpf["events"]
-        reader = RingBufferReader(events_map.map_fd, pages * os.sysconf("SC_PAGE_SIZE"), EVENT)
-        filters.program(probe.bpf)
-        log.info("tracing sock:inet_sock_set_state (prog id %s, ring buffer %d pages); "
-                 "filters: %s", probe.prog_stats().get("prog_id"), pages, filters.describe())
+        reader = RingBufferReader(probe.ring_buffer_fd(), pages * os.sysconf("SC_PAGE_SIZE"),
+                                  EVENT)
+        log.info("tracing %s %s (prog id %s, ring buffer %d pages); filters: %s",
+                 probe.attachment.kind, probe.attachment.target,
+                 probe.prog_stats().get("prog_id"), pages, filters.describe())
         output.write(formatter.header())
         session = _Session(reader, formatter, output, args.count)
         deadline = time.monotonic() + args.duration if args.duration else None
@@ -307,7 +280,7 @@ def trace(args: argparse.Namespace) -> int:
                 break
             if session.last_batch < reader.capacity // 4:  # else: more is waiting
                 output.wait(DRAIN_INTERVAL_S)
-        Filters.stop(probe.bpf)
+        probe.stop_matching()
         matched, lost = session.final_drain(probe)
         missed = probe.prog_stats().get("recursion_misses", 0)
     finally:
@@ -353,14 +326,14 @@ class _Session:
             self.printed += len(events)
             self.matrix += transition_matrix(events)
 
-    def final_drain(self, probe: Probe) -> tuple[int, int]:
+    def final_drain(self, probe: TraceProbe) -> tuple[int, int]:
         """Take what is left until every event the kernel matched is either
         taken or counted as lost: an event reserved just before the filter
         was cleared may still be being written. Returns (matched, lost)."""
         deadline = time.monotonic() + FINAL_DRAIN_TIMEOUT_S
         while True:
             self.drain()
-            counters = dict(zip(COUNTERS, probe.read_map("counters").tolist()))
+            counters = probe.read_counters()
             matched, lost = counters["trace_matched"], counters["ringbuf_drops"]
             if self.taken + lost >= matched or time.monotonic() >= deadline:
                 return matched, lost

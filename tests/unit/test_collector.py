@@ -21,7 +21,8 @@ GOLDEN = Path(__file__).parent / "golden" / "metrics.prom"
 
 def registry_for(reader: FakeReader) -> CollectorRegistry:
     registry = CollectorRegistry()
-    registry.register(TcpstateCollector(reader, bcc_version="0.26.0", kernel="6.18.0-test"))
+    registry.register(TcpstateCollector(reader, bcc_version="0.26.0", kernel="6.18.0-test",
+                                        attach="raw_tracepoint"))
     return registry
 
 
@@ -109,7 +110,8 @@ def test_self_metrics_and_state_table():
     assert value(m.OTHER_PROTOCOL) == 1
     assert value(m.MISSED_EVENTS) == 0
     assert value(m.BUILD_INFO, {"version": __import__("tracer").__version__,
-                                "bcc_version": "0.26.0", "kernel": "6.18.0-test"}) == 1
+                                "bcc_version": "0.26.0", "kernel": "6.18.0-test",
+                                    "attach": "raw_tracepoint"}) == 1
     for state in STATES:
         assert value(m.STATE_INFO, {
             "state": state.name, "kernel_code": str(state.kernel_code),

@@ -18,8 +18,8 @@ def test_wheel_contains_the_bpf_source(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     (wheel,) = tmp_path.glob("tcpstate-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "tracer/bpf/tcpstate.bpf.c" in names
     assert "tracer/probe.py" in names
-    assert (ROOT / "bpf" / "tcpstate.bpf.c").read_bytes() == \
-        zipfile.ZipFile(wheel).read("tracer/bpf/tcpstate.bpf.c")
+    for source in ("tcpstate.h", "serve.bpf.c", "trace.bpf.c"):
+        assert (ROOT / "bpf" / source).read_bytes() == \
+            zipfile.ZipFile(wheel).read(f"tracer/bpf/{source}")
     assert not any(name.startswith("tests/") for name in names)

@@ -18,15 +18,15 @@ def test_parse_release(release, parsed):
 
 
 def test_versions_compare_as_numbers_not_text():
-    check_kernel("5.10.0", SERVE_NEEDS, TRACE_NEEDS)  # "5.10" < "5.6" as text
+    check_kernel("5.15.0", SERVE_NEEDS, TRACE_NEEDS)  # "5.15" < "5.6" as text
     with pytest.raises(PrerequisiteError) as refused:
-        check_kernel("5.5.19", SERVE_NEEDS)
+        check_kernel("5.11.19", SERVE_NEEDS)
     assert refused.value.exit_code == EXIT_KERNEL_VERSION
 
 
 @pytest.mark.parametrize("release, needs, ok", [
-    ("5.6.0", (SERVE_NEEDS,), True), ("5.7.0", (SERVE_NEEDS, TRACE_NEEDS), False),
-    ("5.8.0", (TRACE_NEEDS,), True), ("6.4.0", (SERVE_NEEDS, RUN_AS_NEEDS), False),
+    ("5.12.0", (SERVE_NEEDS,), True), ("5.10.0", (SERVE_NEEDS,), False),
+    ("5.11.0", (TRACE_NEEDS,), False), ("5.12.0", (TRACE_NEEDS,), True), ("6.4.0", (SERVE_NEEDS, RUN_AS_NEEDS), False),
     ("6.5.0", (SERVE_NEEDS, RUN_AS_NEEDS), True), ("custom", (SERVE_NEEDS, TRACE_NEEDS), True),
 ])
 def test_each_need_has_its_minimum(release, needs, ok):

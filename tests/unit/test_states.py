@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tracer import metrics as m
-from tracer.probe import COUNTERS, bpf_source
+from tracer.program import COUNTERS, SOCKET_MEMBERS, bpf_dir
 from tracer.states import (
     BY_CODE, BY_NAME, GAUGE_STATES, KNOWN_TRANSITIONS, NSTATES, STATES, TIME_WAIT_HANDOFFS,
     code_of, name_of,
@@ -72,15 +72,18 @@ def test_bucket_bounds_are_exact_powers_of_two_in_seconds():
 
 
 def test_counter_names_match_the_c_enum():
-    source = bpf_source().read_text()
+    source = (bpf_dir() / "tcpstate.h").read_text()
     enum = re.search(r"enum counter \{(.*?)\};", source, re.S).group(1)
     names = re.findall(r"^\s*C_([A-Z_]+)", enum, re.M)
     assert [n.lower() for n in names] == list(COUNTERS)
 
 
 def test_the_c_file_takes_its_geometry_from_cflags():
-    """One home per fact: the C file must not define what Python passes."""
-    source = bpf_source().read_text()
-    for name in ("NSTATES", "NBUCKETS", "BUCKET_MIN_LOG2", "NPORT_SLOTS", "TABLE_BUCKETS"):
-        assert not re.search(rf"#define\s+{name}\b", source), name
-    assert Path(bpf_source()).name == "tcpstate.bpf.c"
+    """One home per fact: the C files must not define what Python passes."""
+    sources = sorted(bpf_dir().glob("*.bpf.c")) + [bpf_dir() / "tcpstate.h"]
+    assert [path.name for path in sources] == ["serve.bpf.c", "trace.bpf.c", "tcpstate.h"]
+    for path in sources:
+        source = path.read_text()
+        for name in ("NSTATES", "NBUCKETS", "BUCKET_MIN_LOG2", "NPORT_SLOTS", "TABLE_BUCKETS",
+                     "TABLE_WAYS", "NCPUS", *SOCKET_MEMBERS):
+            assert not re.search(rf"#define\s+{name}\b", source), (path.name, name)

@@ -53,9 +53,9 @@ class FixedClock(WallClock):
 
 
 def test_event_layout_matches_the_c_struct():
-    """EVENT spells struct trace_event of bpf/tcpstate.bpf.c field by field:
+    """EVENT spells struct trace_event of bpf/trace.bpf.c field by field:
     same names, order and C offsets."""
-    source = bpf_source().read_text()
+    source = bpf_source("trace").read_text()
     body = re.search(r"struct trace_event \{(.*?)\};", source, re.S).group(1)
     sizes = {"u64": 8, "u32": 4, "u16": 2, "u8": 1, "char": 1}
     offset, fields = 0, []

@@ -1,0 +1,261 @@
+// SPDX-License-Identifier: Apache-2.0
+/*
+ * serve.bpf.c — the program of `tcpstate serve`.
+ *
+ * Every TCP state change of every socket in every network namespace is
+ * aggregated here, in per-CPU cells of memory-mapped arrays, so that user
+ * space reads totals at scrape time with no system call and does no work
+ * per event: transition counters, per-state and per-connection duration
+ * histograms, and live sockets per state.
+ *
+ * bench/ only (figure 1 of BENCHMARKS.md measures each feature's cost):
+ *   NO_SOCKET_TABLE, NO_HISTOGRAMS   leave a feature out
+ */
+#include "tcpstate.h"
+
+/* ---- maps the shared code uses (see tcpstate.h) ---------------------------- */
+
+MMAPABLE_ARRAY(counters, u64, NCPUS * NCOUNTERS);
+BPF_ARRAY(socket_table, struct table_row, TABLE_BUCKETS);
+#if NPORT_SLOTS > 1
+/* port number -> slot (0 = other), written once by user space before the
+ * program is attached. */
+BPF_ARRAY(service_port_slot, u8, 65536);
+#endif
+
+static __always_inline void count(u32 cpu, int which)
+{
+    u32 key = cpu * NCOUNTERS + which;
+    u64 *value = counters.lookup(&key);
+    if (value)
+        CELL_ADD(value, 1);
+}
+
+static __always_inline u32 service_slot(u16 port)
+{
+#if NPORT_SLOTS > 1
+    u32 key = port;
+    u8 *slot = service_port_slot.lookup(&key);
+    if (slot)
+        return *slot % NPORT_SLOTS;
+#endif
+    return 0;
+}
+
+#define TRANSITION_INDEX(port, fam, old, new) \
+    ((((port) * NFAMILIES + (fam)) * NSTATES + (old)) * NSTATES + (new))
+#define NTRANSITIONS (NPORT_SLOTS * NFAMILIES * NSTATES * NSTATES)
+#define LIVE_INDEX(port, fam, state) \
+    (((port) * NFAMILIES + (fam)) * NSTATES + (state))
+#define NLIVE (NPORT_SLOTS * NFAMILIES * NSTATES)
+#define CONN_INDEX(port, fam, side) (((port) * NFAMILIES + (fam)) * NSIDES + (side))
+#define NCONN (NPORT_SLOTS * NFAMILIES * NSIDES)
+
+MMAPABLE_ARRAY(transitions, u64, NCPUS * NTRANSITIONS);
+MMAPABLE_ARRAY(state_duration_buckets, u64, NCPUS * NTRANSITIONS * NBUCKETS);
+MMAPABLE_ARRAY(state_duration_sum_ns, u64, NCPUS * NTRANSITIONS);
+MMAPABLE_ARRAY(connection_duration_buckets, u64, NCPUS * NCONN * NBUCKETS);
+MMAPABLE_ARRAY(connection_duration_sum_ns, u64, NCPUS * NCONN);
+/* Live sockets in the table, per state: +1 on entry, -1 on exit, each in
+ * the cell the socket's entry names. */
+MMAPABLE_ARRAY(live_tracked, s64, NCPUS * NLIVE);
+/* Live sockets not in the table (born before start, or evicted): seeded by
+ * user space from every namespace at start, drained by the transitions of
+ * sockets the table does not know, never below zero. Shared, so atomics. */
+MMAPABLE_ARRAY(live_untracked, s64, NLIVE);
+
+static __always_inline void add_cell(u64 *cell, u64 value)
+{
+    if (cell)
+        CELL_ADD(cell, value);
+}
+
+static __always_inline void count_transition(u32 cpu, u32 index)
+{
+    u32 key = cpu * NTRANSITIONS + index;
+    add_cell(transitions.lookup(&key), 1);
+}
+
+/* Their sum over cells is the table's entries: no insert or remove
+ * counters needed. */
+static __always_inline void live_add(u32 cpu, u32 index, s64 delta)
+{
+    u32 key = cpu * NLIVE + index;
+    s64 *value = live_tracked.lookup(&key);
+    if (value)
+        CELL_ADD(value, delta);
+}
+
+static __always_inline u32 live_index_of(const struct sock_entry *entry)
+{
+    return LIVE_INDEX(entry->port_slot % NPORT_SLOTS, entry->family & 1,
+                      entry->state % NSTATES);
+}
+
+static __always_inline void untracked_add(u32 index)
+{
+    s64 *value = live_untracked.lookup(&index);
+    if (value)
+        __sync_fetch_and_add(value, 1);
+}
+
+/* Take one socket out of the untracked pool, never below zero: a socket
+ * whose state was never counted must not decrement another's. */
+static __always_inline void untracked_drain(u32 index)
+{
+    s64 *value = live_untracked.lookup(&index);
+    if (!value)
+        return;
+    for (int attempt = 0; attempt < 16; attempt++) {
+        s64 seen = *value;
+        if (seen <= 0)
+            return;
+        if (__sync_val_compare_and_swap(value, seen, seen - 1) == seen)
+            return;
+    }
+}
+
+/* A full row pushed a socket out: its count moves to the untracked pool. */
+static __always_inline void table_evicted(u32 cpu, const struct sock_entry *gone)
+{
+    u32 index = live_index_of(gone);
+    live_add(cpu, index, -1);
+    untracked_add(index);
+}
+
+/* One function per histogram: bcc binds a map only where it is named. */
+static __always_inline void observe_state(u32 cpu, u32 index, u64 ns)
+{
+#ifndef NO_HISTOGRAMS
+    u32 key = (cpu * NTRANSITIONS + index) * NBUCKETS + duration_slot(ns);
+    add_cell(state_duration_buckets.lookup(&key), 1);
+    key = cpu * NTRANSITIONS + index;
+    add_cell(state_duration_sum_ns.lookup(&key), ns);
+#endif
+}
+
+static __always_inline void observe_connection(u32 cpu, u32 index, u64 ns)
+{
+#ifndef NO_HISTOGRAMS
+    u32 key = (cpu * NCONN + index) * NBUCKETS + duration_slot(ns);
+    add_cell(connection_duration_buckets.lookup(&key), 1);
+    key = cpu * NCONN + index;
+    add_cell(connection_duration_sum_ns.lookup(&key), ns);
+#endif
+}
+
+/* A socket's service port: the local port of listeners and accepted
+ * sockets, the remote port of outgoing connections (whose ephemeral local
+ * port may well be a service port's number). Fixed at birth; a socket seen
+ * first later gets the local port if listed, else the remote one. */
+static __always_inline u32 port_slot_at_birth(const struct state_change *c)
+{
+    return service_slot(c->new == TCP_SYN_SENT ? c->dport : c->sport);
+}
+
+static __always_inline u32 port_slot_unseen(const struct state_change *c)
+{
+    u32 slot = service_slot(c->sport);
+    return slot ? slot : service_slot(c->dport);
+}
+
+STATE_CHANGE_HANDLER(on_state_change)
+{
+    struct state_change c = {};
+    int read = read_change(ctx, &c);
+    if (read) {
+        if (read > 0)
+            count(bpf_get_smp_processor_id(), C_OTHER_PROTOCOL);
+        return 0;
+    }
+    u32 cpu = c.cpu;
+#ifdef NO_SOCKET_TABLE
+    /* bench/: the transition counters alone (no table: no durations,
+     * gauge or owner). Never built by tcpstate itself. */
+    count_transition(cpu, TRANSITION_INDEX(c.birth ? port_slot_at_birth(&c)
+                                                   : port_slot_unseen(&c),
+                                           c.fam, c.old, c.new));
+    return 0;
+#endif
+    u64 now = bpf_ktime_get_ns();
+    u32 row_index = row_of(c.sk);
+    struct table_row *row = socket_table.lookup(&row_index);
+    if (!row)
+        return 0;
+    u32 way = find_way(row, c.sk);
+    struct sock_entry *entry = 0;
+    if (way < TABLE_WAYS) {
+        entry = &row->entry[way];
+        /* An entry that does not hold the state this socket leaves: a
+         * transition of it was missed (or, at a birth, the address's last
+         * close). Its count leaves the cell it was in; the socket goes on
+         * as one first seen now, in the same way. */
+        if (c.birth || entry->state != c.old) {
+            if (entry->state) {
+                live_add(cpu, live_index_of(entry), -1);
+                if (!c.birth)
+                    count(cpu, C_STALE_ENTRIES);
+            }
+            entry->born_ns = 0;
+            entry->side = 0;
+            entry->family = c.fam;
+            entry->port_slot = c.birth ? port_slot_at_birth(&c) : port_slot_unseen(&c);
+            entry->state = 0;
+        }
+    }
+
+    u32 port, fam;
+    if (entry && entry->state) {
+        port = entry->port_slot % NPORT_SLOTS;
+        fam = entry->family & 1;
+    } else if (entry) {
+        port = entry->port_slot % NPORT_SLOTS;
+        fam = c.fam;
+    } else {
+        port = c.birth ? port_slot_at_birth(&c) : port_slot_unseen(&c);
+        fam = c.fam;
+    }
+    u32 index = TRANSITION_INDEX(port, fam, c.old, c.new);
+    count_transition(cpu, index);
+
+    if (entry && entry->state) {
+        observe_state(cpu, index, now - entry->entered_ns);
+        live_add(cpu, live_index_of(entry), -1);
+    } else if (!c.birth) {
+        count(cpu, C_DURATION_UNKNOWN);
+        if (!entry)
+            untracked_drain(LIVE_INDEX(port, fam, c.old));
+    }
+
+    if (c.new == TCP_CLOSE) {
+        if (entry) {
+            if (entry->state && entry->born_ns && entry->side)
+                observe_connection(cpu, CONN_INDEX(port, fam, entry->side % NSIDES),
+                                   now - entry->born_ns);
+            release_way(row, way);
+        }
+        return 0;
+    }
+
+    if (!entry) {
+        way = claim_way(cpu, row, c.sk);
+        if (way >= TABLE_WAYS) {
+            untracked_add(LIVE_INDEX(port, fam, c.new));
+            return 0;
+        }
+        entry = &row->entry[way];
+        entry->born_ns = 0;
+        entry->side = 0;
+    }
+    if (c.birth) {
+        entry->born_ns = now;
+        entry->side = c.old == TCP_LISTEN ? SIDE_SERVER :
+                      c.new == TCP_SYN_SENT ? SIDE_CLIENT : 0;
+    }
+    entry->family = fam;
+    entry->port_slot = port;
+    entry->entered_ns = now;
+    entry->state = c.new;   /* last: the entry is whole from here on */
+    live_add(cpu, LIVE_INDEX(port, fam, c.new), 1);
+    return 0;
+}

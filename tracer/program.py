@@ -1,0 +1,157 @@
+"""Which BPF program to build, and how it attaches: the raw tracepoint
+inet_sock_set_state with socket offsets from the running kernel's BTF, or
+the classic tracepoint sock:inet_sock_set_state where there is no BTF.
+
+Why the raw tracepoint is preferred: while any map is read by system call
+(ours at a scrape, or another agent's) or another tracing program runs on a
+CPU, the kernel skips every classic-tracepoint program on that CPU (counted
+only since Linux 6.7). A raw tracepoint program is guarded per program
+(since 6.1): only its own nested run is skipped, and counted.
+
+This module decides; tracer/probe.py compiles, loads and attaches.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from .btf import Btf, BtfError
+from .errors import EXIT_BPF, TcpstateError, UsageError
+from .metrics import BUCKET_MIN_LOG2, NBUCKETS
+from .prereq import kernel_release, parse_release
+from .states import NSTATES
+
+log = logging.getLogger(__name__)
+
+RAW_TRACEPOINT = "raw_tracepoint"
+TRACEPOINT = "tracepoint"
+AUTO = "auto"
+ATTACH_CHOICES = (AUTO, RAW_TRACEPOINT, TRACEPOINT)
+RAW_TRACEPOINT_NAME = "inet_sock_set_state"
+TRACEPOINT_NAME = "sock:inet_sock_set_state"
+FUNCTION = "on_state_change"
+
+# Sockets per socket-table row: 8 keys fill one cache line, so a lookup
+# reads one line of keys and one of its entry. With 262,144 entries, 100k
+# live sockets average 3 per row and a full row (an eviction) stays rare
+# (BENCHMARKS.md measures it).
+TABLE_WAYS = 8
+
+# The order of `enum counter` in bpf/tcpstate.h (a unit test compares).
+COUNTERS = (
+    "evictions",
+    "duration_unknown",
+    "other_protocol",
+    "ringbuf_drops",
+    "trace_matched",
+    "stale_entries",
+)
+
+# What the raw tracepoint program reads, cflag -> (struct, member path):
+# the members the classic tracepoint itself reads for its record.
+SOCKET_MEMBERS = {
+    "SK_FAMILY": ("sock", "__sk_common.skc_family"),
+    "SK_DPORT": ("sock", "__sk_common.skc_dport"),
+    "SK_DADDR": ("sock", "__sk_common.skc_daddr"),
+    "SK_SADDR": ("sock", "__sk_common.skc_rcv_saddr"),
+    "SK_V6_DADDR": ("sock", "__sk_common.skc_v6_daddr"),
+    "SK_V6_SADDR": ("sock", "__sk_common.skc_v6_rcv_saddr"),
+    "SK_PROTOCOL": ("sock", "sk_protocol"),
+    "SK_SPORT": ("inet_sock", "inet_sport"),
+}
+# Read by trace only: whether the current task is a kernel thread.
+TASK_MEMBERS = {"TASK_FLAGS": ("task_struct", "flags")}
+
+# Before 6.1 a raw tracepoint program may interrupt itself on one CPU (a
+# softirq during a system call's transition): its per-CPU cells then add
+# atomically.
+RAW_TRACEPOINT_GUARDED_SINCE = (6, 1)
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """How the program attaches, and why."""
+
+    kind: str  # RAW_TRACEPOINT or TRACEPOINT
+    offsets: dict[str, int]  # cflag -> byte offset (raw tracepoint; trace's task flags)
+    reason: str = ""  # why the fallback was taken, for the one warning line
+
+    @property
+    def target(self) -> str:
+        return RAW_TRACEPOINT_NAME if self.kind == RAW_TRACEPOINT else TRACEPOINT_NAME
+
+
+def socket_offsets(btf: Btf) -> dict[str, int]:
+    """The cflags of the raw tracepoint's reads; BtfError when one is
+    missing, is a bitfield (sk_protocol before Linux 5.6) or is too wide."""
+    offsets: dict[str, int] = {}
+    for flag, (struct, path) in {**SOCKET_MEMBERS, **TASK_MEMBERS}.items():
+        member = btf.member(struct, path)
+        offsets[flag] = member.byte_offset
+        if flag == "SK_PROTOCOL":
+            if member.size not in (1, 2):
+                raise BtfError(f"BTF: sock.sk_protocol is {member.size} bytes, not 1 or 2")
+            offsets["SK_PROTOCOL_SIZE"] = member.size
+    return offsets
+
+
+def choose_attachment(requested: str = AUTO, btf_path: str | None = None) -> Attachment:
+    """`auto` takes the raw tracepoint where BTF gives every offset, else
+    the classic tracepoint (with a reason to warn about); a forced raw
+    tracepoint without BTF is an error."""
+    if requested not in ATTACH_CHOICES:
+        raise UsageError(f"--attach {requested!r}: expected one of {', '.join(ATTACH_CHOICES)}")
+    if requested == TRACEPOINT:
+        return Attachment(TRACEPOINT, {}, "")
+    try:
+        btf = Btf.load(btf_path) if btf_path else Btf.load()
+        return Attachment(RAW_TRACEPOINT, socket_offsets(btf))
+    except BtfError as exc:
+        if requested == RAW_TRACEPOINT:
+            raise TcpstateError(f"--attach raw_tracepoint: {exc}", EXIT_BPF) from None
+        return Attachment(TRACEPOINT, {}, str(exc))
+
+
+def possible_cpus(path: str = "/sys/devices/system/cpu/possible") -> int:
+    """How many CPU numbers the kernel may use (`0-3,8-11` -> 12): the rows
+    of the per-CPU cells, indexed by bpf_get_smp_processor_id()."""
+    with open(path) as listing:
+        text = listing.read().strip()
+    highest = max(int(part.split("-")[-1]) for part in text.split(","))
+    return highest + 1
+
+
+def bpf_dir() -> Path:
+    """bpf/: inside the installed package (the wheel puts it at tracer/bpf/)
+    or at the top of a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "bpf", here.parent / "bpf"):
+        if (candidate / "tcpstate.h").is_file():
+            return candidate
+    raise TcpstateError(f"bpf/tcpstate.h not found next to {here}", EXIT_BPF)
+
+
+def cflags(attachment: Attachment, port_slots: int, table_rows: int, cpus: int,
+           release: str | None = None) -> list[str]:
+    """Every constant the C needs, from its one home here and in tracer/."""
+    flags = [
+        f"-DNSTATES={NSTATES}",
+        f"-DNBUCKETS={NBUCKETS}",
+        f"-DBUCKET_MIN_LOG2={BUCKET_MIN_LOG2}",
+        f"-DNPORT_SLOTS={port_slots}",
+        f"-DTABLE_BUCKETS={table_rows}",
+        f"-DTABLE_WAYS={TABLE_WAYS}",
+        f"-DNCPUS={cpus}",
+        f"-I{bpf_dir()}",
+        "-Wno-ignored-attributes",
+        "-Wno-unused-function",
+    ]
+    if attachment.kind == RAW_TRACEPOINT:
+        flags.append("-DRAW_TRACEPOINT")
+        have = parse_release(release or kernel_release())
+        if have is not None and have < RAW_TRACEPOINT_GUARDED_SINCE:
+            flags.append("-DREENTRANT")
+    flags += [f"-D{name}={value}" for name, value in sorted(attachment.offsets.items())]
+    return flags
