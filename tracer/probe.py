@@ -133,7 +133,7 @@ class LoadedProgram:
             self.counters = self._mapped_array("counters", len(COUNTERS), per_cpu=True)
             self._write_service_ports()
             self._configure()
-            self._attach()
+            self.attach()
         except BaseException:
             self.close()
             raise
@@ -162,7 +162,9 @@ class LoadedProgram:
     def _configure(self) -> None:
         """Write what the program reads before its first event."""
 
-    def _attach(self) -> None:
+    def attach(self) -> None:
+        """Attach the loaded program (done once configured; bench/ detaches
+        and attaches again to time programs one at a time)."""
         try:
             if self.attachment.kind == RAW_TRACEPOINT:
                 self.bpf.attach_raw_tracepoint(tp=self.attachment.target.encode(),
@@ -174,17 +176,24 @@ class LoadedProgram:
             raise TcpstateError(f"attaching to {self.attachment.kind} "
                                 f"{self.attachment.target} failed: {exc}", EXIT_BPF) from None
 
+    def detach(self) -> None:
+        target = self.attachment.target.encode()
+        if self.attachment.kind == RAW_TRACEPOINT:
+            self.bpf.detach_raw_tracepoint(target)
+        else:
+            self.bpf.detach_tracepoint(target)
+
     def _mapped_array(self, name: str, cells: int, per_cpu: bool, dtype=np.uint64,
                       writable: bool = False) -> MappedArray:
         cpus = self.cpus if per_cpu else 1
-        array = MappedArray(self.bpf[name].map_fd, cells * cpus, dtype, cpus, writable)
+        array = MappedArray(self.bpf[name.encode()].map_fd, cells * cpus, dtype, cpus, writable)
         self._mapped.append(array)
         return array
 
     def _write_service_ports(self) -> None:
         if not self.service_ports:
             return
-        table = self.bpf["service_port_slot"]
+        table = self.bpf[b"service_port_slot"]
         for slot, port in enumerate(self.service_ports, start=1):
             table[ct.c_int(port)] = ct.c_uint8(slot)
 
@@ -353,7 +362,7 @@ class TraceProbe(LoadedProgram):
 
     def _configure(self) -> None:
         f = self.trace_filter
-        ports = self.bpf["trace_ports"]
+        ports = self.bpf[b"trace_ports"]
         bits: dict[int, int] = {}
         for values, bit in ((f.ports, PORT_ANY_END), (f.lports, PORT_LOCAL),
                             (f.rports, PORT_REMOTE)):
@@ -361,14 +370,14 @@ class TraceProbe(LoadedProgram):
                 bits[port] = bits.get(port, 0) | bit
         for port, value in bits.items():
             ports[ct.c_int(port)] = ct.c_uint8(value)
-        pids = self.bpf["trace_pids"]
+        pids = self.bpf[b"trace_pids"]
         for pid in f.pids:
             pids[ct.c_uint32(pid)] = ct.c_uint8(1)
-        table = self.bpf["trace_transitions"]
+        table = self.bpf[b"trace_transitions"]
         for old, row in enumerate(f.transition_rows):
             if row:
                 table[ct.c_int(old)] = ct.c_uint32(row)
-        config = self.bpf["trace_config"].Leaf()
+        config = self.bpf[b"trace_config"].Leaf()
         config.min_duration_ns = f.min_duration_ns
         config.state_mask = f.state_mask
         config.family_mask = f.family_mask
@@ -376,13 +385,13 @@ class TraceProbe(LoadedProgram):
         config.remote_port, config.pid = bool(f.rports), bool(f.pids)
         config.transition = any(f.transition_rows)
         config.ready = 1
-        self.bpf["trace_config"][ct.c_int(0)] = config
+        self.bpf[b"trace_config"][ct.c_int(0)] = config
 
     def stop_matching(self) -> None:
         """Clear `ready`: the program matches nothing from now on."""
-        config = self.bpf["trace_config"][ct.c_int(0)]
+        config = self.bpf[b"trace_config"][ct.c_int(0)]
         config.ready = 0
-        self.bpf["trace_config"][ct.c_int(0)] = config
+        self.bpf[b"trace_config"][ct.c_int(0)] = config
 
     def ring_buffer_fd(self) -> int:
-        return self.bpf["events"].map_fd
+        return self.bpf[b"events"].map_fd

@@ -65,10 +65,18 @@ def require_checkout_outside_tmp_and_readable() -> None:
 
 
 @pytest.fixture(scope="session")
-def exporter():
-    """One `tcpstate serve` for the session, labelling SERVICE_PORTS."""
-    with Exporter(service_ports=SERVICE_PORTS) as running:
-        yield running
+def exporters():
+    """Two `tcpstate serve` for the session, labelling SERVICE_PORTS, one on
+    each attach path: {"raw_tracepoint": ..., "tracepoint": ...}."""
+    with Exporter("--attach", "raw_tracepoint", service_ports=SERVICE_PORTS) as raw, \
+            Exporter("--attach", "tracepoint", service_ports=SERVICE_PORTS) as classic:
+        yield {"raw_tracepoint": raw, "tracepoint": classic}
+
+
+@pytest.fixture(scope="session")
+def exporter(exporters):
+    """The session's `tcpstate serve` on the default path (the raw tracepoint)."""
+    return exporters["raw_tracepoint"]
 
 
 @pytest.fixture
