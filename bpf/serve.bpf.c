@@ -100,19 +100,21 @@ static __always_inline void untracked_add(u32 index)
 }
 
 /* Take one socket out of the untracked pool, never below zero: a socket
- * whose state was never counted must not decrement another's. */
-static __always_inline void untracked_drain(u32 index)
+ * whose state was never counted must not decrement another's. Returns
+ * false when the pool was empty: this socket was counted nowhere. */
+static __always_inline bool untracked_drain(u32 index)
 {
     s64 *value = live_untracked.lookup(&index);
     if (!value)
-        return;
+        return true;
     for (int attempt = 0; attempt < 16; attempt++) {
         s64 seen = *value;
         if (seen <= 0)
-            return;
+            return false;
         if (__sync_val_compare_and_swap(value, seen, seen - 1) == seen)
-            return;
+            return true;
     }
+    return true;
 }
 
 /* A full row pushed a socket out: its count moves to the untracked pool. */
@@ -223,8 +225,8 @@ STATE_CHANGE_HANDLER(on_state_change)
         live_add(cpu, live_index_of(entry), -1);
     } else if (!c.birth) {
         count(cpu, C_DURATION_UNKNOWN);
-        if (!entry)
-            untracked_drain(LIVE_INDEX(port, fam, c.old));
+        if (!entry && !untracked_drain(LIVE_INDEX(port, fam, c.old)))
+            count(cpu, C_UNSEEN_SOCKETS);
     }
 
     if (c.new == TCP_CLOSE) {

@@ -47,6 +47,8 @@ enum counter {
     C_TRACE_MATCHED,        /* trace: events that passed the filters */
     C_STALE_ENTRIES,        /* entries whose state was not the event's old
                              * state: transitions of that socket were missed */
+    C_UNSEEN_SOCKETS,       /* sockets first seen mid-life that were counted
+                             * nowhere: no program saw their birth */
     NCOUNTERS,
 };
 

@@ -209,6 +209,10 @@ class TcpstateCollector(Collector):
              "Transitions of a socket whose table entry held another state than the "
              "one it left: a transition of it was not seen. The entry's count left "
              "its state; the transition's duration is unknown."),
+            (m.UNSEEN_SOCKETS, "unseen_sockets",
+             "Sockets first seen mid-life that were counted nowhere (not seeded at start, "
+             "not evicted): no program ran for their birth. Not in "
+             "tcpstate_bpf_missed_events_total: the kernel did not report it."),
         ):
             yield CounterMetricFamily(m.family_name(name), text, value=counters[key])
         yield CounterMetricFamily(

@@ -47,6 +47,7 @@ COUNTERS = (
     "ringbuf_drops",
     "trace_matched",
     "stale_entries",
+    "unseen_sockets",
 )
 
 # What the raw tracepoint program reads, cflag -> (struct, member path):

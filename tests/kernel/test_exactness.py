@@ -19,7 +19,7 @@ from tracer import metrics as m
 from tracer.probe import Probe
 
 from .conftest import SERVICE_PORTS
-from .exporter import Scrape
+from .exporter import Exporter, Scrape
 from .netlab import Lab, inside, wait_for
 from .test_serve import delta, transitions_of
 from .workload import _rst_on_close
@@ -219,3 +219,26 @@ def test_the_program_is_configured_before_it_is_attached(attach):
         assert probe.attach_kind == attach
     finally:
         probe.close()
+
+
+def test_sockets_counted_nowhere_are_counted_as_unseen():
+    """Sockets no walk can find at start (their namespace has no name and no
+    process, only the sockets hold it) and whose birth no program saw: their
+    first transitions count them in tcpstate_unseen_sockets_total, once
+    each, and the gauge never goes below zero."""
+    port = SERVICE_PORTS[1]
+    with Lab() as lab:
+        listener = lab.listener(socket.AF_INET, port)
+        pairs = [(c, listener.accept()[0]) for c in
+                 (lab.connect(socket.AF_INET, port) for _ in range(10))]
+        lab.close()  # the names go; the sockets keep both namespaces alive
+        with Exporter(service_ports=(port,)) as late:
+            before = late.scrape().value(m.UNSEEN_SOCKETS)
+            for client, server in pairs:
+                client.close()
+                assert server.recv(1) == b""
+                server.close()
+            listener.close()
+            # each socket once: 10 clients, 10 servers, the listener
+            assert wait_for(lambda: late.scrape().value(m.UNSEEN_SOCKETS) - before == 21)
+            assert gauge_of(late.scrape(), port) == Counter()
