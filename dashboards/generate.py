@@ -372,8 +372,16 @@ def health() -> dict:
          "Transitions of sockets with no recorded entry time (older than the exporter, or "
          "evicted): counted, never observed as a duration.", m.DURATION_UNKNOWN),
         ("Missed BPF events/s",
-         "Tracepoint hits the kernel did not run the program for (it was already running "
-         "on that CPU): these transitions are missing from every count.", m.MISSED_EVENTS),
+         "State changes the kernel did not run the program for, and said so: missing from "
+         "every count (alert TcpstateMissingEvents). On the classic tracepoint any other BPF "
+         "program or map read on the CPU causes them; on the raw tracepoint only the "
+         "program's own nested runs.", m.MISSED_EVENTS),
+        ("Stale table entries/s",
+         "Transitions of sockets whose table entry held another state: a transition of "
+         "them was not seen. Their count left the state it was in.", m.STALE_ENTRIES),
+        ("Unseen sockets/s",
+         "Sockets first seen mid-life and counted nowhere: no program ran for their birth.",
+         m.UNSEEN_SOCKETS),
         ("Non-TCP state changes/s",
          "SCTP and MPTCP state changes the tracepoint reported and tcpstate skipped.",
          m.OTHER_PROTOCOL),
@@ -387,12 +395,15 @@ def health() -> dict:
         [query(selector("scrape_samples_scraped", **node), "{{instance}}")], width=8))
     dash = dash.with_panel(
         table.Panel().title("Build info")
-        .description("tcpstate's version, the bcc it runs on, and the kernel, per node.")
+        .description("tcpstate's version, the bcc it runs on, the kernel, and the attach "
+                     "path per node: raw_tracepoint, or tracepoint (the fallback without "
+                     "BTF, which other BPF programs and map reads can make skip events).")
         .datasource(DATASOURCE).span(24).height(6)
         .with_target(query(selector(m.BUILD_INFO, **node), instant=True,
                            fmt=PromQueryFormat.TABLE))
         .with_transformation(organize({}, exclude=("Time", "Value", "__name__"),
-                                      order=("instance", "version", "bcc_version", "kernel"))))
+                                      order=("instance", "attach", "version", "bcc_version",
+                                             "kernel"))))
     return build(dash)
 
 

@@ -66,6 +66,7 @@ CONNECT_FAILURES = "instance:tcpstate_connect_failures:rate5m"
 CONNECT_FAILURE_RATIO_SERIES = "instance:tcpstate_connect_failure:ratio_rate5m"
 HANDSHAKE_P99 = "instance:tcpstate_handshake_seconds:p99_rate5m"
 TABLE_EVICTIONS = "instance:tcpstate_socket_table_evictions:rate5m"
+MISSED_EVENTS = "instance:tcpstate_bpf_missed_events:rate5m"
 
 
 def handshake_quantile(q: float, buckets: str, by: str) -> str:
@@ -92,6 +93,7 @@ RECORDS: tuple[Record, ...] = (
     Record(CONNECT_FAILURE_RATIO_SERIES, f"{CONNECT_FAILURES} / ({CONNECT_ATTEMPTS} > 0)"),
     Record(HANDSHAKE_P99, handshake_quantile(0.99, PORT_HANDSHAKE_BUCKETS, _INSTANCE)),
     Record(TABLE_EVICTIONS, _rate(m.SOCKET_TABLE_EVICTIONS, _INSTANCE)),
+    Record(MISSED_EVENTS, _rate(m.MISSED_EVENTS, _INSTANCE)),
 )
 
 ALERTS: tuple[Alert, ...] = (
@@ -151,6 +153,23 @@ ALERTS: tuple[Alert, ...] = (
         "the node's open TCP sockets (`ss -s`). Restart tcpstate with a larger "
         "--socket-table-size (above the peak socket count, rounded up to rows of 8; each socket "
         "costs about 32 bytes of kernel memory).",
+    ),
+    Alert(
+        "TcpstateMissingEvents",
+        f"{MISSED_EVENTS} > 0",
+        "10m", "warning",
+        "{{ $labels.instance }}: the kernel skips tcpstate's program for {{ $value | humanize }} events/s",
+        "The kernel did not run tcpstate's BPF program for some TCP state changes and "
+        "said so (recursion_misses): those transitions are missing from every count, so "
+        "counts are near, not exact, while this fires.",
+        "Look at `attach` in the 'Build info' table of the 'tcpstate exporter health' "
+        "dashboard. `tracepoint` (the fallback without BTF) is skipped whenever another "
+        "BPF program or a BPF map read runs on the same CPU: list them with `bpftool prog "
+        "show` and `bpftool perf show`; a kernel with BTF (/sys/kernel/btf/vmlinux) lets "
+        "tcpstate attach as a raw tracepoint, which they cannot make skip. "
+        "`raw_tracepoint` is skipped only when its own run is interrupted on a CPU by a "
+        "softirq that changes another socket's state: rare; sustained, it means a very "
+        "high rate of state changes on few CPUs (check the NIC's interrupt spread).",
     ),
     Alert(
         "TcpstateExporterDown",

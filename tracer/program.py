@@ -83,6 +83,10 @@ class Attachment:
     def target(self) -> str:
         return RAW_TRACEPOINT_NAME if self.kind == RAW_TRACEPOINT else TRACEPOINT_NAME
 
+    def describe(self) -> str:
+        """For the start-up line: `raw tracepoint inet_sock_set_state`."""
+        return f"{self.kind.replace('_', ' ')} {self.target}"
+
 
 def socket_offsets(btf: Btf) -> dict[str, int]:
     """The cflags of the raw tracepoint's reads; BtfError when one is

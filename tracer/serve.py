@@ -116,8 +116,7 @@ def serve(
         registry.register(collector)
         stats = probe.prog_stats()
         loaded = (
-            f"loaded and attached to the {probe.attach_kind} "
-            f"{probe.attachment.target} in "
+            f"loaded and attached to the {probe.attachment.describe()} in "
             f"{time.monotonic() - started:.2f}s (prog id {stats.get('prog_id')}, "
             f"socket table {probe.table_capacity} sockets, "
             f"service ports {','.join(map(str, service_ports)) or 'none'})"

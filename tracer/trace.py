@@ -268,8 +268,8 @@ def trace(args: argparse.Namespace) -> int:
     try:
         reader = RingBufferReader(probe.ring_buffer_fd(), pages * os.sysconf("SC_PAGE_SIZE"),
                                   EVENT)
-        log.info("tracing %s %s (prog id %s, ring buffer %d pages); filters: %s",
-                 probe.attachment.kind, probe.attachment.target,
+        log.info("tracing the %s (prog id %s, ring buffer %d pages); filters: %s",
+                 probe.attachment.describe(),
                  probe.prog_stats().get("prog_id"), pages, filters.describe())
         output.write(formatter.header())
         session = _Session(reader, formatter, output, args.count)
