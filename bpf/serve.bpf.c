@@ -21,6 +21,11 @@ BPF_ARRAY(socket_table, struct table_row, TABLE_BUCKETS);
 /* port number -> slot (0 = other), written once by user space before the
  * program is attached. */
 BPF_ARRAY(service_port_slot, u8, 65536);
+/* Listeners per local port, in any namespace: seeded by user space at
+ * start, then +1/-1 as listeners open and close. Tells a socket first seen
+ * after its birth whether it is a server's (its local port listens) or a
+ * client's, whose ephemeral local port may be a service port's number. */
+BPF_ARRAY(listeners, s64, 65536);
 #endif
 
 static __always_inline void count(u32 cpu, int which)
@@ -99,22 +104,31 @@ static __always_inline void untracked_add(u32 index)
         __sync_fetch_and_add(value, 1);
 }
 
-/* Take one socket out of the untracked pool, never below zero: a socket
- * whose state was never counted must not decrement another's. Returns
- * false when the pool was empty: this socket was counted nowhere. */
-static __always_inline bool untracked_drain(u32 index)
+/* Take one from a shared count, never below zero. The program may not use
+ * an atomic add's result here (no BPF_FETCH from bcc's clang), so it
+ * compares and swaps; each failure means another CPU changed the count,
+ * so the loop ends within a few tries unless dozens of CPUs hit one cell
+ * at once, which is counted. Returns false when the count was zero. */
+static __always_inline bool take_one(u32 cpu, s64 *value)
 {
-    s64 *value = live_untracked.lookup(&index);
-    if (!value)
-        return true;
-    for (int attempt = 0; attempt < 16; attempt++) {
+    for (int attempt = 0; attempt < 64; attempt++) {
         s64 seen = *value;
         if (seen <= 0)
             return false;
         if (__sync_val_compare_and_swap(value, seen, seen - 1) == seen)
             return true;
     }
+    count(cpu, C_CONTENDED);
     return true;
+}
+
+/* Take one socket out of the untracked pool: a socket whose state was
+ * never counted must not decrement another's. Returns false when the pool
+ * was empty: this socket was counted nowhere. */
+static __always_inline bool untracked_drain(u32 cpu, u32 index)
+{
+    s64 *value = live_untracked.lookup(&index);
+    return !value || take_one(cpu, value);
 }
 
 /* A full row pushed a socket out: its count moves to the untracked pool. */
@@ -148,17 +162,44 @@ static __always_inline void observe_connection(u32 cpu, u32 index, u64 ns)
 
 /* A socket's service port: the local port of listeners and accepted
  * sockets, the remote port of outgoing connections (whose ephemeral local
- * port may well be a service port's number). Fixed at birth; a socket seen
- * first later gets the local port if listed, else the remote one. */
+ * port may well be a service port's number). Fixed at birth. */
 static __always_inline u32 port_slot_at_birth(const struct state_change *c)
 {
     return service_slot(c->new == TCP_SYN_SENT ? c->dport : c->sport);
 }
 
+/* A socket first seen later is a server's if something listens on its
+ * local port, else a client's: the same slot its birth would have given
+ * (tracer/probe.py seeds with the same rule). */
 static __always_inline u32 port_slot_unseen(const struct state_change *c)
 {
-    u32 slot = service_slot(c->sport);
-    return slot ? slot : service_slot(c->dport);
+#if NPORT_SLOTS > 1
+    u32 key = c->sport;
+    s64 *listening = listeners.lookup(&key);
+    if (listening && *listening > 0)
+        return service_slot(c->sport);
+    u32 slot = service_slot(c->dport);
+    return slot ? slot : service_slot(c->sport);
+#else
+    return 0;
+#endif
+}
+
+static __always_inline void count_listeners(const struct state_change *c)
+{
+#if NPORT_SLOTS > 1
+    u32 key = c->sport;
+    s64 *listening;
+    if (c->new == TCP_LISTEN) {
+        listening = listeners.lookup(&key);
+        if (listening)
+            __sync_fetch_and_add(listening, 1);
+    } else if (c->old == TCP_LISTEN && c->new == TCP_CLOSE) {
+        listening = listeners.lookup(&key);
+        if (listening)
+            take_one(c->cpu, listening);
+    }
+#endif
 }
 
 STATE_CHANGE_HANDLER(on_state_change)
@@ -171,6 +212,7 @@ STATE_CHANGE_HANDLER(on_state_change)
         return 0;
     }
     u32 cpu = c.cpu;
+    count_listeners(&c);
 #ifdef NO_SOCKET_TABLE
     /* bench/: the transition counters alone (no table: no durations,
      * gauge or owner). Never built by tcpstate itself. */
@@ -225,7 +267,7 @@ STATE_CHANGE_HANDLER(on_state_change)
         live_add(cpu, live_index_of(entry), -1);
     } else if (!c.birth) {
         count(cpu, C_DURATION_UNKNOWN);
-        if (!entry && !untracked_drain(LIVE_INDEX(port, fam, c.old)))
+        if (!entry && !untracked_drain(cpu, LIVE_INDEX(port, fam, c.old)))
             count(cpu, C_UNSEEN_SOCKETS);
     }
 

@@ -49,6 +49,7 @@ enum counter {
                              * state: transitions of that socket were missed */
     C_UNSEEN_SOCKETS,       /* sockets first seen mid-life that were counted
                              * nowhere: no program saw their birth */
+    C_CONTENDED,            /* shared counts taken from under contention */
     NCOUNTERS,
 };
 

@@ -213,6 +213,10 @@ class TcpstateCollector(Collector):
              "Sockets first seen mid-life that were counted nowhere (not seeded at start, "
              "not evicted): no program ran for their birth. Not in "
              "tcpstate_bpf_missed_events_total: the kernel did not report it."),
+            (m.CONTENDED, "contended",
+             "Decrements of a shared count (untracked sockets, listeners per port) that "
+             "gave up after 64 compare-and-swaps lost to other CPUs: each may leave that "
+             "count one too high."),
         ):
             yield CounterMetricFamily(m.family_name(name), text, value=counters[key])
         yield CounterMetricFamily(

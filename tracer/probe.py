@@ -17,7 +17,8 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from collections import Counter
+from typing import Collection, Iterator, Sequence
 
 import numpy as np
 
@@ -27,7 +28,7 @@ from .maps import MappedArray, WrappingSums
 from .metrics import MAX_SERVICE_PORTS, NBUCKETS, OTHER_PORT
 from .program import (AUTO, COUNTERS, FUNCTION, RAW_TRACEPOINT, TABLE_WAYS, Attachment,
                       bpf_dir, cflags, choose_attachment, possible_cpus)
-from .states import FAMILIES, NSTATES, SIDES
+from .states import FAMILIES, NSTATES, SIDES, code_of
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ DEFAULT_SOCKET_TABLE_SIZE = 262_144
 MAX_SOCKET_TABLE_SIZE = 1 << 24
 
 NFAMILIES = len(FAMILIES)
+LISTEN = code_of("listen")
 NSIDES = len(SIDES)
 
 
@@ -268,10 +270,14 @@ class Probe(LoadedProgram):
         reader = self._sums.get(name) or self._arrays[name]
         return reader.read().reshape(self._shapes[name])
 
-    def port_slot_of(self, local_port: int, remote_port: int) -> int:
+    def port_slot_of(self, local_port: int, remote_port: int,
+                     listening: Collection[int] = ()) -> int:
         """The slot the kernel gives a socket first seen after its birth
-        (bpf: port_slot_unseen)."""
-        for port in (local_port, remote_port):
+        (bpf: port_slot_unseen): a server's local port (something listens
+        on it), else a client's remote port, else its local port."""
+        order = ((local_port,) if local_port in listening else
+                 (remote_port, local_port))
+        for port in order:
             if port in self.service_ports:
                 return 1 + self.service_ports.index(port)
         return 0
@@ -295,13 +301,30 @@ class Probe(LoadedProgram):
             if np.array_equal(before, after):
                 break
         seeded = np.zeros(self._shapes["live_untracked"], dtype=np.int64)
+        listening: Counter[int] = Counter()
+        for counts in found.values():
+            for (state, local_port, _), n in counts.items():
+                if state == LISTEN:
+                    listening[local_port] += n
+        self._write_listeners(listening)
         for family, counts in found.items():
             for (state, local_port, remote_port), n in counts.items():
                 if 0 < state < NSTATES:
-                    seeded[self.port_slot_of(local_port, remote_port), family, state] += n
+                    slot = self.port_slot_of(local_port, remote_port, listening)
+                    seeded[slot, family, state] += n
         seeded = np.maximum(seeded - after, 0)
         self._arrays["live_untracked"].write(seeded.reshape(-1))
         log.info("seeded %d sockets that predate start", int(seeded.sum()))
+
+    def _write_listeners(self, listening: Counter[int]) -> None:
+        """Add the listeners that predate the program to its per-port count
+        (its own count of those born since attach stays in the cell)."""
+        if not self.service_ports:
+            return
+        table = self.bpf[b"listeners"]
+        for port, n in listening.items():
+            key = ct.c_int(port)
+            table[key] = ct.c_int64(table[key].value + n)
 
     def refresh_sums(self) -> None:
         """Read the duration sums so that none wraps unseen (WrappingSums)."""

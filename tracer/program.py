@@ -48,6 +48,7 @@ COUNTERS = (
     "trace_matched",
     "stale_entries",
     "unseen_sockets",
+    "contended",
 )
 
 # What the raw tracepoint program reads, cflag -> (struct, member path):

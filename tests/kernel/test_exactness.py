@@ -242,3 +242,34 @@ def test_sockets_counted_nowhere_are_counted_as_unseen():
             # each socket once: 10 clients, 10 servers, the listener
             assert wait_for(lambda: late.scrape().value(m.UNSEEN_SOCKETS) - before == 21)
             assert gauge_of(late.scrape(), port) == Counter()
+
+
+def test_a_client_on_a_service_port_number_keeps_its_slot_unseen():
+    """A client whose local port has a service port's number (an ephemeral
+    port the kernel picked, here bound by hand) connects to another service
+    port before the exporter starts: seeded and first seen later, it counts
+    under the port it connects to, as its birth would have."""
+    server_port, client_port = SERVICE_PORTS[2], SERVICE_PORTS[3]
+    with Lab() as lab:
+        listener = lab.listener(socket.AF_INET, server_port)
+        client = lab.socket("client")
+        client.bind((lab.address(socket.AF_INET, "client"), client_port))
+        client.connect((lab.address(socket.AF_INET, "server"), server_port))
+        server, _ = listener.accept()
+        with Exporter(service_ports=(server_port, client_port)) as late:
+            start = late.scrape()
+            assert gauge_of(start, server_port) == {("ipv4", "listen"): 1,
+                                                     ("ipv4", "established"): 2}
+            assert gauge_of(start, client_port) == Counter()
+            client.close()
+            assert server.recv(1) == b""
+            server.close()
+            listener.close()
+
+            def moved(port: int) -> Counter:
+                return delta(transitions_of(late.scrape(), "ipv4", port),
+                             transitions_of(start, "ipv4", port))
+
+            assert wait_for(lambda: sum(moved(server_port).values()) == 7)
+            assert moved(client_port) == Counter()
+            assert gauge_of(late.scrape(), server_port) == Counter()
