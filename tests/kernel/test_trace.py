@@ -30,7 +30,7 @@ import pytest
 from tracer.states import BY_NAME, FAMILIES as FAMILY_NAMES
 
 from .exporter import TCPSTATE
-from .netlab import Lab, inside
+from .netlab import Lab, inside, run
 
 _ports = itertools.count(47100)
 # Clients bind ports of their own, below the ephemeral range (32768-60999),
@@ -717,6 +717,26 @@ def test_a_kernel_worker_is_never_an_owner(lab):
     assert len(client_side) >= 5 and len(child) == 5
     assert {(line.pid, line.comm) for line in client_side} == {(os.getpid(), my_comm())}
     assert {(line.pid, line.comm) for line in child} == {(None, None)}
+
+
+def test_destroying_a_listener_does_not_make_the_destroyer_its_owner(lab):
+    """`ss -K` closes a listener (SOCK_DESTROY, tcp_abort) from the ss
+    process: the LISTEN -> CLOSE line still names the process that listened."""
+    port, mine = next_port(), Mine(lab)
+
+    def workload():
+        listener = mine.listener(IPV4, port)
+        run("ip", "netns", "exec", lab.server, "ss", "-K", "-t", "state", "listening",
+            f"( sport = :{port} )")
+        listener.close()
+
+    lines = run_trace(workload, "--lport", str(port)).lines(mine)
+    # then close() of the destroyed socket: CLOSE -> CLOSE, once more
+    assert [(line.step, line.pid, line.comm) for line in lines] == [
+        (("close", "listen"), os.getpid(), my_comm()),
+        (("listen", "close"), os.getpid(), my_comm()),
+        (("close", "close"), None, None),
+    ]
 
 
 # ---------------------------------------------------------------- JSON
