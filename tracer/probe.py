@@ -15,7 +15,7 @@ import ctypes as ct
 import logging
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from collections import Counter
 from typing import Collection, Iterator, Sequence
@@ -24,11 +24,12 @@ import numpy as np
 
 from . import netns
 from .errors import EXIT_BPF, TcpstateError, UsageError
-from .maps import MappedArray, WrappingSums
-from .metrics import MAX_SERVICE_PORTS, NBUCKETS, OTHER_PORT
+from .maps import MappedArray
+from .metrics import MAX_SERVICE_PORTS
+from .serve_maps import ServeMaps, Snapshot, port_labels_of, prog_stats_of_fd, serve_layout
 from .program import (AUTO, COUNTERS, FUNCTION, RAW_TRACEPOINT, TABLE_WAYS, Attachment,
                       bpf_dir, cflags, choose_attachment, possible_cpus)
-from .states import FAMILIES, NSTATES, SIDES, code_of
+from .states import NSTATES, code_of
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,7 @@ MIN_SOCKET_TABLE_SIZE = 16
 DEFAULT_SOCKET_TABLE_SIZE = 262_144
 MAX_SOCKET_TABLE_SIZE = 1 << 24
 
-NFAMILIES = len(FAMILIES)
 LISTEN = code_of("listen")
-NSIDES = len(SIDES)
 
 
 def bpf_source(command: str = "serve") -> Path:
@@ -66,22 +65,6 @@ def table_rows(socket_table_size: int) -> int:
             f"and {MAX_SOCKET_TABLE_SIZE}"
         )
     return -(-socket_table_size // TABLE_WAYS)
-
-
-@dataclass
-class Snapshot:
-    """Totals over all CPUs, shaped by (port slot, family, ...)."""
-
-    transitions: np.ndarray  # [port, family, old, new]
-    duration_buckets: np.ndarray  # [port, family, old, new, slot]
-    duration_sum_ns: np.ndarray  # [port, family, old, new]
-    connection_buckets: np.ndarray  # [port, family, side, slot]
-    connection_sum_ns: np.ndarray  # [port, family, side]
-    live: np.ndarray  # [port, family, state], never negative
-    counters: dict[str, int] = field(default_factory=dict)
-    table_entries: int = 0  # sockets in the table: the sum of live_tracked
-    table_capacity: int = 0
-    missed_events: int = 0
 
 
 @contextlib.contextmanager
@@ -164,6 +147,14 @@ class LoadedProgram:
     def _configure(self) -> None:
         """Write what the program reads before its first event."""
 
+    def attachment_fd(self) -> int:
+        """The descriptor that keeps the program attached: the raw
+        tracepoint's, or the perf event's of the classic tracepoint."""
+        target = self.attachment.target.encode()
+        if self.attachment.kind == RAW_TRACEPOINT:
+            return self.bpf.raw_tracepoint_fds[target]
+        return self.bpf.tracepoint_fds[target]
+
     def attach(self) -> None:
         """Attach the loaded program (done once configured; bench/ detaches
         and attaches again to time programs one at a time)."""
@@ -203,17 +194,10 @@ class LoadedProgram:
         return dict(zip(COUNTERS, (int(v) for v in self.counters.read())))
 
     def prog_stats(self) -> dict[str, int]:
-        """run_time_ns, run_cnt and recursion_misses of our program, from
-        /proc/self/fdinfo (the kernel skips and counts events that arrive
-        while the program already runs on that CPU)."""
-        fd = self.bpf.funcs[FUNCTION.encode()].fd
-        stats = {}
-        with open(f"/proc/self/fdinfo/{fd}") as info:
-            for line in info:
-                key, _, value = line.partition(":")
-                if key in ("run_time_ns", "run_cnt", "recursion_misses", "prog_id"):
-                    stats[key] = int(value)
-        return stats
+        """run_time_ns, run_cnt and recursion_misses of our program (the
+        kernel skips and counts events that arrive while the program
+        already runs on that CPU)."""
+        return prog_stats_of_fd(self.bpf.funcs[FUNCTION.encode()].fd)
 
     def close(self) -> None:
         for array in getattr(self, "_mapped", ()):
@@ -233,10 +217,7 @@ class Probe(LoadedProgram):
                  socket_table_size: int = DEFAULT_SOCKET_TABLE_SIZE,
                  extra_cflags: Sequence[str] = (), seed_live_sockets: bool = True,
                  attach: str = AUTO, attachment: Attachment | None = None):
-        # label values by port slot; () when ports are not labelled
-        self.port_labels: tuple[str, ...] = (
-            (OTHER_PORT, *map(str, service_ports)) if service_ports else ()
-        )
+        self.port_labels = port_labels_of(service_ports)
         super().__init__(attach, service_ports, socket_table_size, extra_cflags, attachment)
         try:
             if seed_live_sockets:
@@ -246,29 +227,15 @@ class Probe(LoadedProgram):
             raise
 
     def _configure(self) -> None:
-        p, f, s, b = self.port_slots, NFAMILIES, NSTATES, NBUCKETS
-        self._shapes = {
-            "transitions": (p, f, s, s),
-            "state_duration_buckets": (p, f, s, s, b),
-            "state_duration_sum_ns": (p, f, s, s),
-            "connection_duration_buckets": (p, f, NSIDES, b),
-            "connection_duration_sum_ns": (p, f, NSIDES),
-            "live_tracked": (p, f, s),
-            "live_untracked": (p, f, s),
-        }
-        self._arrays = {
-            name: self._mapped_array(
-                name, int(np.prod(shape)), per_cpu=name != "live_untracked",
-                dtype=np.int64 if name.startswith("live_") else np.uint64,
-                writable=name == "live_untracked")
-            for name, shape in self._shapes.items()
-        }
-        self._sums = {name: WrappingSums(self._arrays[name])
-                      for name in ("state_duration_sum_ns", "connection_duration_sum_ns")}
+        self.layout = serve_layout(self.port_slots)
+        self.maps = ServeMaps({name: self.map_fd(name) for name in self.layout},
+                              self.layout, self.cpus)
+
+    def map_fd(self, name: str) -> int:
+        return self.bpf[name.encode()].map_fd
 
     def read_map(self, name: str) -> np.ndarray:
-        reader = self._sums.get(name) or self._arrays[name]
-        return reader.read().reshape(self._shapes[name])
+        return self.maps.read_map(name)
 
     def port_slot_of(self, local_port: int, remote_port: int,
                      listening: Collection[int] = ()) -> int:
@@ -300,7 +267,7 @@ class Probe(LoadedProgram):
             after = self.read_map("live_tracked")
             if np.array_equal(before, after):
                 break
-        seeded = np.zeros(self._shapes["live_untracked"], dtype=np.int64)
+        seeded = np.zeros(self.layout["live_untracked"].shape, dtype=np.int64)
         listening: Counter[int] = Counter()
         for counts in found.values():
             for (state, local_port, _), n in counts.items():
@@ -313,7 +280,7 @@ class Probe(LoadedProgram):
                     slot = self.port_slot_of(local_port, remote_port, listening)
                     seeded[slot, family, state] += n
         seeded = np.maximum(seeded - after, 0)
-        self._arrays["live_untracked"].write(seeded.reshape(-1))
+        self.maps.write_untracked(seeded)
         log.info("seeded %d sockets that predate start", int(seeded.sum()))
 
     def _write_listeners(self, listening: Counter[int]) -> None:
@@ -327,30 +294,47 @@ class Probe(LoadedProgram):
             table[key] = ct.c_int64(table[key].value + n)
 
     def refresh_sums(self) -> None:
-        """Read the duration sums so that none wraps unseen (WrappingSums)."""
-        for sums in self._sums.values():
-            sums.read()
+        self.maps.refresh_sums()
 
     def read(self) -> Snapshot:
-        tracked = self.read_map("live_tracked")
-        live = tracked + self.read_map("live_untracked")
-        return Snapshot(
-            transitions=self.read_map("transitions"),
-            duration_buckets=self.read_map("state_duration_buckets"),
-            duration_sum_ns=self.read_map("state_duration_sum_ns"),
-            connection_buckets=self.read_map("connection_duration_buckets"),
-            connection_sum_ns=self.read_map("connection_duration_sum_ns"),
-            live=np.maximum(live, 0),
-            counters=self.read_counters(),
-            # every table entry is a live socket counted in its state
-            table_entries=max(int(tracked.sum()), 0),
-            table_capacity=self.table_capacity,
-            missed_events=self.prog_stats().get("recursion_misses", 0),
-        )
+        return self.maps.snapshot(self.table_capacity,
+                                  self.prog_stats().get("recursion_misses", 0))
 
     def time_wait(self) -> int:
         """TIME-WAIT mini-sockets in every namespace (the kernel's count)."""
         return netns.time_wait_total()
+
+    def handoff(self) -> tuple[dict, list[int]]:
+        """What the serving process needs to keep the program attached and
+        read it (tracer/held.py), and the descriptors, in that order: the
+        program, its attachment, then each map of the layout."""
+        fds = [self.bpf.funcs[FUNCTION.encode()].fd, self.attachment_fd()]
+        fds += [self.map_fd(name) for name in self.layout]
+        return {
+            "attach": self.attachment.kind,
+            "target": self.attachment.target,
+            "maps": list(self.layout),
+            "port_slots": self.port_slots,
+            "port_labels": list(self.port_labels),
+            "cpus": self.cpus,
+            "table_capacity": self.table_capacity,
+            "bcc_version": bcc_version(),
+        }, fds
+
+    def close(self) -> None:
+        maps = getattr(self, "maps", None)
+        if maps is not None:
+            maps.close()
+        super().close()
+
+
+def bcc_version() -> str:
+    try:
+        import bcc
+
+        return getattr(bcc, "__version__", "")
+    except ImportError:
+        return ""
 
 
 # bpf/trace.bpf.c: the bits of trace_ports

@@ -1,8 +1,10 @@
 """`tcpstate serve`: the Prometheus exporter.
 
-Loads the BPF program (tracer.probe), registers a collector that reads its
-maps at scrape time (tracer.collector) in a private registry, and serves the
-exposition over HTTP until SIGTERM or SIGINT. No Python code runs per event.
+Has the BPF program compiled, loaded and attached by a short-lived loader
+process and holds its descriptors (tracer.held), so that this process never
+maps bcc or LLVM; registers a collector that reads the maps at scrape time
+(tracer.collector) in a private registry, and serves the exposition over
+HTTP until SIGTERM or SIGINT. No Python code runs per event.
 
 The HTTP server is tracer.http_server.
 """
@@ -20,22 +22,13 @@ from prometheus_client import CollectorRegistry
 from .collector import TcpstateCollector
 from .http_server import bind
 from .netns import NamespaceAccessError
-from .probe import Probe
-from .program import Attachment
+from .held import HeldProgram
+from .program import Attachment, choose_attachment
 from .webconfig import WebConfig
 
 log = logging.getLogger(__name__)
 
 SUMS_REFRESH_SECONDS = 60
-
-
-def bcc_version() -> str:
-    try:
-        import bcc
-
-        return getattr(bcc, "__version__", "")
-    except ImportError:
-        return ""
 
 
 class _RepeatsOnce(logging.Filter):
@@ -60,7 +53,7 @@ class _WithoutTimeWait:
 
     time_wait = None
 
-    def __init__(self, probe: Probe):
+    def __init__(self, probe: HeldProgram):
         self._probe = probe
         self.port_labels = probe.port_labels
 
@@ -97,8 +90,8 @@ def serve(
                                        web_config, scrape_lock)
     started = time.monotonic()
     try:
-        probe = Probe(service_ports=service_ports, socket_table_size=socket_table_size,
-                      attachment=attachment)
+        probe = HeldProgram.load(service_ports, socket_table_size,
+                                 attachment or choose_attachment())
     except BaseException:
         if server is not None:
             server.server_close()
@@ -111,7 +104,7 @@ def serve(
             except NamespaceAccessError as exc:  # e.g. CAP_BPF + CAP_PERFMON only
                 log.warning("%s: the TIME-WAIT gauge is not exported", exc)
                 reader = _WithoutTimeWait(probe)
-        collector = TcpstateCollector(reader, bcc_version=bcc_version(),
+        collector = TcpstateCollector(reader, bcc_version=probe.bcc_version,
                                       attach=probe.attach_kind)
         registry.register(collector)
         stats = probe.prog_stats()

@@ -1,0 +1,80 @@
+"""The program as the serving process holds it: the descriptors the loader
+handed over (tracer/handoff.py). Holding the attachment's descriptor keeps
+the program attached; closing them all detaches it. The maps are read by
+mmap (tracer/serve_maps.py): nothing here imports bcc.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Sequence
+
+from . import netns
+from .handoff import load_in_child
+from .program import Attachment
+from .serve_maps import ServeMaps, Snapshot, prog_stats_of_fd, serve_layout
+
+log = logging.getLogger(__name__)
+
+
+class HeldProgram:
+    """serve's program, loaded by the loader and held here."""
+
+    def __init__(self, description: dict, fds: list[int]):
+        self._fds = fds
+        try:
+            self.prog_fd, self.attachment_fd, *map_fds = fds
+            self.attachment = Attachment(description["attach"], {})
+            self.attach_kind = self.attachment.kind
+            self.port_labels = tuple(description["port_labels"])
+            self.table_capacity = description["table_capacity"]
+            self.bcc_version = description["bcc_version"]
+            layout = serve_layout(description["port_slots"])
+            if list(layout) != description["maps"]:
+                raise ValueError(f"the loader's maps {description['maps']} are not "
+                                 f"this version's {list(layout)}")
+            self.maps = ServeMaps(dict(zip(description["maps"], map_fds)), layout,
+                                  description["cpus"])
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def load(cls, service_ports: Sequence[int], socket_table_size: int,
+             attachment: Attachment, seed_live_sockets: bool = True) -> "HeldProgram":
+        """Compile, load, attach and seed in the loader; hold the result."""
+        description, fds = load_in_child({
+            "service_ports": list(service_ports),
+            "socket_table_size": socket_table_size,
+            "attach": attachment.kind,
+            "offsets": attachment.offsets,
+            "seed": seed_live_sockets,
+            "log_level": logging.getLogger().getEffectiveLevel(),
+        })
+        return cls(description, fds)
+
+    def prog_stats(self) -> dict[str, int]:
+        return prog_stats_of_fd(self.prog_fd)
+
+    def read(self) -> Snapshot:
+        return self.maps.snapshot(self.table_capacity,
+                                  self.prog_stats().get("recursion_misses", 0))
+
+    def refresh_sums(self) -> None:
+        self.maps.refresh_sums()
+
+    def time_wait(self) -> int:
+        """TIME-WAIT mini-sockets in every namespace (the kernel's count)."""
+        return netns.time_wait_total()
+
+    def close(self) -> None:
+        maps = getattr(self, "maps", None)
+        if maps is not None:
+            maps.close()
+        for fd in self._fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds = []

@@ -1,0 +1,135 @@
+"""Serve's maps as the collector reads them: memory-mapped arrays summed
+over CPUs into a Snapshot. Used in the process that loaded the program
+(tracer/probe.py) and in the serving process that was only handed its
+descriptors (tracer/held.py); neither path imports bcc here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .maps import MappedArray, WrappingSums
+from .metrics import NBUCKETS, OTHER_PORT
+from .program import COUNTERS
+from .states import FAMILIES, NSTATES, SIDES
+
+NFAMILIES = len(FAMILIES)
+NSIDES = len(SIDES)
+SUMS = ("state_duration_sum_ns", "connection_duration_sum_ns")
+
+
+@dataclass(frozen=True)
+class MapLayout:
+    shape: tuple[int, ...]
+    dtype: str  # numpy dtype name
+    per_cpu: bool
+    writable: bool = False  # user space writes it (the seed)
+
+    @property
+    def cells(self) -> int:
+        return int(np.prod(self.shape))
+
+
+def serve_layout(port_slots: int) -> dict[str, MapLayout]:
+    """Every map of bpf/serve.bpf.c that user space reads, and its shape:
+    the one home of these facts on the Python side."""
+    p, f, s, b = port_slots, NFAMILIES, NSTATES, NBUCKETS
+    return {
+        "transitions": MapLayout((p, f, s, s), "uint64", True),
+        "state_duration_buckets": MapLayout((p, f, s, s, b), "uint64", True),
+        "state_duration_sum_ns": MapLayout((p, f, s, s), "uint64", True),
+        "connection_duration_buckets": MapLayout((p, f, NSIDES, b), "uint64", True),
+        "connection_duration_sum_ns": MapLayout((p, f, NSIDES), "uint64", True),
+        "live_tracked": MapLayout((p, f, s), "int64", True),
+        "live_untracked": MapLayout((p, f, s), "int64", False, writable=True),
+        "counters": MapLayout((len(COUNTERS),), "uint64", True),
+    }
+
+
+def port_labels_of(service_ports) -> tuple[str, ...]:
+    """Label values by port slot; () when ports are not labelled."""
+    return (OTHER_PORT, *map(str, service_ports)) if service_ports else ()
+
+
+@dataclass
+class Snapshot:
+    """Totals over all CPUs, shaped by (port slot, family, ...)."""
+
+    transitions: np.ndarray  # [port, family, old, new]
+    duration_buckets: np.ndarray  # [port, family, old, new, slot]
+    duration_sum_ns: np.ndarray  # [port, family, old, new], float64
+    connection_buckets: np.ndarray  # [port, family, side, slot]
+    connection_sum_ns: np.ndarray  # [port, family, side], float64
+    live: np.ndarray  # [port, family, state], never negative
+    counters: dict[str, int] = field(default_factory=dict)
+    table_entries: int = 0  # sockets in the table: the sum of live_tracked
+    table_capacity: int = 0
+    missed_events: int = 0
+
+
+def prog_stats_of_fd(fd: int) -> dict[str, int]:
+    """run_time_ns, run_cnt, recursion_misses and prog_id of a program
+    this process holds, from /proc/self/fdinfo."""
+    stats = {}
+    with open(f"/proc/self/fdinfo/{fd}") as info:
+        for line in info:
+            key, _, value = line.partition(":")
+            if key in ("run_time_ns", "run_cnt", "recursion_misses", "prog_id"):
+                stats[key] = int(value)
+    return stats
+
+
+class ServeMaps:
+    """Readers of serve's maps, given each map's descriptor."""
+
+    def __init__(self, map_fds: dict[str, int], layout: dict[str, MapLayout], cpus: int):
+        self.layout = layout
+        self._arrays: dict[str, MappedArray] = {}
+        try:
+            for name, spec in layout.items():
+                rows = cpus if spec.per_cpu else 1
+                self._arrays[name] = MappedArray(map_fds[name], spec.cells * rows,
+                                                 np.dtype(spec.dtype), rows, spec.writable)
+        except BaseException:
+            self.close()
+            raise
+        self._sums = {name: WrappingSums(self._arrays[name]) for name in SUMS}
+
+    def read_map(self, name: str) -> np.ndarray:
+        reader = self._sums.get(name) or self._arrays[name]
+        return reader.read().reshape(self.layout[name].shape)
+
+    def read_counters(self) -> dict[str, int]:
+        return dict(zip(COUNTERS, (int(v) for v in self._arrays["counters"].read())))
+
+    def write_untracked(self, seeded: np.ndarray) -> None:
+        self._arrays["live_untracked"].write(seeded.reshape(-1))
+
+    def refresh_sums(self) -> None:
+        """Read the duration sums so that none wraps unseen (WrappingSums)."""
+        for sums in self._sums.values():
+            sums.read()
+
+    def snapshot(self, table_capacity: int, missed_events: int) -> Snapshot:
+        tracked = self.read_map("live_tracked")
+        live = tracked + self.read_map("live_untracked")
+        return Snapshot(
+            transitions=self.read_map("transitions"),
+            duration_buckets=self.read_map("state_duration_buckets"),
+            duration_sum_ns=self.read_map("state_duration_sum_ns"),
+            connection_buckets=self.read_map("connection_duration_buckets"),
+            connection_sum_ns=self.read_map("connection_duration_sum_ns"),
+            live=np.maximum(live, 0),
+            counters=self.read_counters(),
+            # every table entry is a live socket counted in its state
+            table_entries=max(int(tracked.sum()), 0),
+            table_capacity=table_capacity,
+            missed_events=missed_events,
+        )
+
+    def close(self) -> None:
+        for array in self._arrays.values():
+            array.close()
+        self._arrays = {}
