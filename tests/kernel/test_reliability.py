@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 import pytest
 
 from tracer import metrics as m
-from tracer.errors import (EXIT_HEADERS, EXIT_LISTEN, EXIT_PRIVILEGES, EXIT_TRACEFS,
+from tracer.errors import (EXIT_BPF, EXIT_HEADERS, EXIT_LISTEN, EXIT_PRIVILEGES, EXIT_TRACEFS,
                            EXIT_KERNEL_VERSION, EXIT_TRACEPOINT)
 from tracer.http_server import MAX_CONNECTIONS
 
@@ -334,17 +334,25 @@ PREREQUISITES = [
                       "--inh-caps=-all"], EXIT_PRIVILEGES, "needs root (or CAP_BPF and CAP_PERFMON)"),
     ("root without capabilities", {}, ["setpriv", "--inh-caps=-all", "--bounding-set=-all"],
      EXIT_PRIVILEGES, "needs root (or CAP_BPF and CAP_PERFMON)"),
-    ("no tracefs", {"TCPSTATE_TRACEFS": "/nonexistent/tracing"}, [], EXIT_TRACEFS,
+    ("no tracefs for the classic tracepoint",
+     {"TCPSTATE_TRACEFS": "/nonexistent/tracing"}, [], EXIT_TRACEFS,
      "tracefs is not mounted at /nonexistent/tracing and could not be mounted"),
     ("no kernel headers", {"TCPSTATE_KERNEL_HEADERS": "/nonexistent/modules"}, [], EXIT_HEADERS,
      "no kernel headers in /nonexistent/modules"),
-    ("no tracepoint", {"TCPSTATE_TRACEPOINT": "sock:no_such_tracepoint"}, [], EXIT_TRACEPOINT,
-     "tracepoint sock:no_such_tracepoint not found"),
+    ("no classic tracepoint", {"TCPSTATE_TRACEPOINT": "sock:no_such_tracepoint"}, [],
+     EXIT_TRACEPOINT, "tracepoint sock:no_such_tracepoint not found"),
     ("kernel too old", {"TCPSTATE_KERNEL_RELEASE": "5.4.0-216-generic"}, [],
      EXIT_KERNEL_VERSION,
-     "Linux 5.4.0-216-generic is too old: serve reads its maps with BPF_MAP_LOOKUP_BATCH, "
-     "which needs Linux 5.6 or newer"),
+     "Linux 5.4.0-216-generic is too old: its program uses BPF compare-and-swap "
+     "(BPF_CMPXCHG), which needs Linux 5.12 or newer"),
+    # bcc finds no kernel source: the loader's compile fails, and the server
+    # says so in the loader's one line, with its exit code
+    ("compile fails in the loader", {"BCC_KERNEL_SOURCE": "/nonexistent/source"}, [],
+     EXIT_BPF, "loading serve.bpf.c failed: "),
 ]
+# Where the raw tracepoint needs neither tracefs nor the tracepoint's format
+# file, those checks apply to the classic tracepoint only.
+CLASSIC_ONLY = ("no tracefs for the classic tracepoint", "no classic tracepoint")
 
 
 @pytest.mark.parametrize("case, env, wrapper, code, message", PREREQUISITES,
@@ -353,16 +361,19 @@ def test_missing_prerequisite_has_its_own_message_and_exit_code(case, env, wrapp
                                                                 message):
     if wrapper:
         require_checkout_outside_tmp_and_readable()
-    result = subprocess.run([*wrapper, TCPSTATE, "serve", "--web.listen-address", "127.0.0.1:0"],
-                            env={**os.environ, **env}, capture_output=True, text=True,
-                            timeout=120, cwd="/")
+    attach = ["--attach", "tracepoint"] if case in CLASSIC_ONLY else []
+    result = subprocess.run([*wrapper, TCPSTATE, "serve", "--web.listen-address", "127.0.0.1:0",
+                             *attach], env={**os.environ, **env}, capture_output=True,
+                            text=True, timeout=120, cwd="/")
     assert result.returncode == code, result.stderr
     assert result.stderr.startswith(f"tcpstate: {message}")
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("release, command, reason", [
-    ("5.7.19", ["trace", "--duration", "1"], "trace uses a BPF ring buffer, which needs Linux 5.8"),
+    ("5.11.22", ["trace", "--duration", "1"],
+     "its program uses BPF compare-and-swap (BPF_CMPXCHG) and a ring buffer, which needs "
+     "Linux 5.12"),
     ("6.4.16", ["serve", "--run-as", "nobody", "--dry-run"], "--run-as needs map descriptors"),
 ])
 def test_each_command_checks_the_kernel_it_needs(release, command, reason):
