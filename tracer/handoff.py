@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -73,6 +74,8 @@ def load_in_child(request: dict) -> tuple[dict, list[int]]:
             message, fds = receive(ours)
         finally:
             code = child.wait()
+    # what the compile cost: the pod's memory limit must cover it
+    message["loader_peak_kib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     if "error" in message:
         for fd in fds:
             os.close(fd)

@@ -30,6 +30,7 @@ class HeldProgram:
             self.port_labels = tuple(description["port_labels"])
             self.table_capacity = description["table_capacity"]
             self.bcc_version = description["bcc_version"]
+            self.loader_peak_kib = description.get("loader_peak_kib", 0)
             layout = serve_layout(description["port_slots"])
             if list(layout) != description["maps"]:
                 raise ValueError(f"the loader's maps {description['maps']} are not "

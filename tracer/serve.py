@@ -112,6 +112,7 @@ def serve(
             f"loaded and attached to the {probe.attachment.describe()} in "
             f"{time.monotonic() - started:.2f}s (prog id {stats.get('prog_id')}, "
             f"socket table {probe.table_capacity} sockets, "
+            f"loader peak {probe.loader_peak_kib / 1024:.0f} MiB, "
             f"service ports {','.join(map(str, service_ports)) or 'none'})"
         )
         if run_as is not None:
