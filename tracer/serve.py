@@ -18,12 +18,15 @@ from typing import Callable
 from prometheus_client import CollectorRegistry
 
 from .collector import TcpstateCollector
-from .http_server import bind
+from .http_server import DEFAULT_MAX_REQUESTS, bind
 from .netns import NamespaceAccessError
 from .probe import Probe
 from .webconfig import WebConfig
 
 log = logging.getLogger(__name__)
+
+# SIGHUP reloads --web.config.file; the others stop.
+_CONTROL_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
 def bcc_version() -> str:
@@ -74,23 +77,22 @@ def serve(
     web_config: WebConfig | None = None,
     run_as=None,
     report: Callable[[str], None] = print,
+    max_requests: int = DEFAULT_MAX_REQUESTS,
 ) -> int:
     """`run_as` is a pwd entry (tracer.privileges.lookup_user) or None."""
-    stop = threading.Event()
-
-    def on_signal(signum, _frame) -> None:
-        log.info("received %s, stopping", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    # A signal goes to any thread that does not block it, and Python runs
+    # its handler only when the main thread next wakes: with the HTTP threads
+    # busy (a flood) a SIGTERM could wait an hour. So the signals are blocked
+    # before any thread starts (threads inherit the mask), and the main
+    # thread takes them synchronously; one sent while loading waits for it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _CONTROL_SIGNALS)
     logging.getLogger("tracer.collector").addFilter(_RepeatsOnce())
 
     registry = CollectorRegistry(auto_describe=True)
     scrape_lock = threading.Lock()
     # Bind before loading: a busy port fails fast, with nothing to undo.
     server = None if dry_run else bind(listen_address, registry, telemetry_path,
-                                       web_config, scrape_lock)
+                                       web_config, scrape_lock, max_requests)
     started = time.monotonic()
     try:
         probe = Probe(service_ports=service_ports, socket_table_size=socket_table_size)
@@ -133,10 +135,12 @@ def serve(
         thread.start()
         log.info("serving %s on %s://%s", telemetry_path,
                  web_config.scheme if web_config else "http", listen_address)
-        # Idle, the process sleeps: the signal handler wakes this wait (the
-        # timeout only bounds it), the pipe wakes the HTTP thread.
-        while not stop.wait(3600):
-            pass
+        while True:  # idle, the process sleeps here
+            signum = signal.sigwaitinfo(_CONTROL_SIGNALS).si_signo
+            if signum != signal.SIGHUP:
+                break
+            server.reload()
+        log.info("received %s, stopping", signal.Signals(signum).name)
         server.stop()
         thread.join(5)
         return 0
