@@ -4,10 +4,15 @@ returns plain data (dicts, lists, numbers) that bench/report.py renders."""
 from __future__ import annotations
 
 import contextlib
+import http.client
+import json
 import signal
 import subprocess
+import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 from collections import Counter
 from dataclasses import dataclass
 
@@ -41,6 +46,8 @@ class Settings:
     gauge_scrapes: int = 20      # figure 4
     first_count_repeats: int = 3  # figure 6
     stop_repeats: int = 3        # figure 8, per signal
+    hostile_attempts: int = 40   # figure 9: the correct scraper's attempts, 0.5 s apart
+    hostile_warmup: float = 5    # figure 9: seconds of flood before the first attempt
     exact_connections: int = 200_000
     rate_configs: tuple = RATE_CONFIGS
 
@@ -50,6 +57,7 @@ class Settings:
                    cpu_seconds=4,
                    scrape_interval=2, scrapes=40, held=(5_000,), gauge_scrapes=5,
                    first_count_repeats=1, stop_repeats=1, exact_connections=20_000,
+                   hostile_attempts=10, hostile_warmup=3,
                    rate_configs=QUICK_RATE_CONFIGS)
 
 
@@ -427,3 +435,85 @@ def exact_count(lab: Lab, settings: Settings) -> dict:
             "exact": counted == expected, "missed": verified["missed"],
             "established_close_durations_observed": int(durations),
             "ok": counted == expected and verified["ok"]}
+
+
+HOSTILE_KEEPALIVE, HOSTILE_WRONG_PASSWORD, HOSTILE_SLOW = 130, 140, 500
+HONEST_SOURCE = "127.0.0.2"
+
+
+def hostile_neighbour(lab: Lab, settings: Settings) -> dict:
+    """Figure 9 (issue 15): the correct scraper, on its own source address,
+    beside 130 keep-alive scrapers, 140 wrong-password clients and 500 slow
+    readers on 127.0.0.1 (bench/hostile.py, a process of its own), against
+    an exporter with basic auth (bcrypt cost 10) and ten service ports.
+    Each attempt is one GET, and one retry after a 503; then SIGTERM while
+    the flood goes on."""
+    import base64
+
+    import bcrypt
+
+    user, password = "prometheus", "scrape-secret"
+    directory = Path(tempfile.mkdtemp(prefix="tcpstate-bench-"))
+    config = directory / "web.yml"
+    config.write_text(f"basic_auth_users:\n  {user}: "
+                      f"'{bcrypt.hashpw(password.encode(), bcrypt.gensalt(10)).decode()}'\n")
+    auth = {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+    exporter = Exporter("--web.config.file", str(config), service_ports=SERVICE_PORTS,
+                        headers=auth).start()
+    neighbour = subprocess.Popen(
+        [sys.executable, "-m", "bench.hostile", str(exporter.port), user, password,
+         str(settings.hostile_warmup + 2 * settings.hostile_attempts * 10 + 30),
+         str(HOSTILE_KEEPALIVE), str(HOSTILE_WRONG_PASSWORD), str(HOSTILE_SLOW)],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent)
+    attempts, stop = [], {}
+    connection = None
+    try:
+        time.sleep(settings.hostile_warmup)
+        for _ in range(settings.hostile_attempts):
+            started = time.perf_counter()
+            statuses = []
+            for _try in range(2):  # one retry, after a 503 only
+                try:
+                    if connection is None:
+                        connection = http.client.HTTPConnection(
+                            "127.0.0.1", exporter.port, timeout=10,
+                            source_address=(HONEST_SOURCE, 0))
+                    connection.request("GET", "/metrics", headers=auth)
+                    response = connection.getresponse()
+                    response.read()
+                    statuses.append(response.status)
+                except (OSError, http.client.HTTPException) as exc:
+                    statuses.append(exc.__class__.__name__)
+                    connection.close()
+                    connection = None
+                if statuses[-1] != 503:
+                    break
+            attempts.append({"statuses": statuses, "served": statuses[-1] == 200,
+                             "seconds": time.perf_counter() - started})
+            time.sleep(0.5)
+        sent = time.monotonic()
+        exporter.process.send_signal(signal.SIGTERM)
+        try:
+            stop = {"exit_code": exporter.process.wait(30)}
+        except subprocess.TimeoutExpired:
+            stop = {"exit_code": None}
+        stop["seconds"] = time.monotonic() - sent
+    finally:
+        if connection is not None:
+            connection.close()
+        neighbour.send_signal(signal.SIGTERM)
+        try:
+            out, _ = neighbour.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            neighbour.kill()
+            out, _ = neighbour.communicate()
+        exporter.stop()
+    times = [a["seconds"] for a in attempts]
+    served = [a for a in attempts if a["served"]]
+    return {"attempts": len(attempts), "served": len(served),
+            "retried": sum(len(a["statuses"]) > 1 for a in attempts),
+            "failures": [a["statuses"] for a in attempts if not a["served"]],
+            "median_ms": 1000 * measure.median(times), "p99_ms": 1000 * measure.percentile(times, 0.99),
+            "max_ms": 1000 * max(times),
+            "neighbour_answered": json.loads(out.strip().splitlines()[-1]) if out.strip() else {},
+            "stop": stop, "log_tail": exporter.log().splitlines()[-3:]}

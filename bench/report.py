@@ -272,6 +272,29 @@ def _stop(data: dict, figures: dict, out: Path, failures: list[str]) -> list[str
     return lines
 
 
+TARGET_HOSTILE_P99_MS = 1000  # issue 15: every attempt served, p99 < 1 s
+
+
+def _hostile(data: dict, figures: dict, out: Path, failures: list[str]) -> list[str]:
+    if data["stop"].get("exit_code") != 0:
+        failures.append(f"hostile: SIGTERM during the flood: {data['stop']}")
+    answered = ", ".join(f"{key}: {value:,}" for key, value in
+                         sorted(data["neighbour_answered"].items())) or "nothing reported"
+    ok = data["served"] == data["attempts"] and data["p99_ms"] < TARGET_HOSTILE_P99_MS
+    return ["### 9. The correct scraper beside a hostile neighbour", "",
+            "The correct scraper on 127.0.0.2 (one retry after a 503) beside 130 keep-alive "
+            "scrapers, 140 wrong-password clients and 500 slow readers on 127.0.0.1; basic "
+            "auth at bcrypt cost 10; then SIGTERM while the flood goes on.", "",
+            "| served / attempted | retried after 503 | median ms | p99 ms | max ms | "
+            "SIGTERM: seconds to exit, exit code |", "|---:|---:|---:|---:|---:|---|",
+            f"| {data['served']} / {data['attempts']} | {data['retried']} | "
+            f"{data['median_ms']:.0f} | {data['p99_ms']:.0f} | {data['max_ms']:.0f} | "
+            f"{data['stop'].get('seconds', float('nan')):.2f} s, {data['stop'].get('exit_code')} |",
+            "", f"The neighbour's requests, by answer: {answered}.", "",
+            f"Target: every attempt served, p99 < {TARGET_HOSTILE_P99_MS} ms: {_met(ok)}."
+            + (f" Unserved: {data['failures']}." if data["failures"] else "")]
+
+
 RENDERERS = (
     ("kernel_cost", _kernel_cost),
     ("rates", _rates),
@@ -282,4 +305,5 @@ RENDERERS = (
     ("first_count", _first_count),
     ("exact", _exact),
     ("stop", _stop),
+    ("hostile", _hostile),
 )

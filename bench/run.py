@@ -32,6 +32,7 @@ FIGURES = {
     "first_count": figures.first_count,
     "exact": figures.exact_count,
     "stop": figures.stop_time,
+    "hostile": figures.hostile_neighbour,
 }
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 

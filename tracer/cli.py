@@ -85,6 +85,12 @@ def _listen_address(text: str) -> str:
     return text
 
 
+def _max_requests(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 10_000:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number from 1 to 10000")
+    return int(text)
+
+
 def _web_config(text: str):
     from .webconfig import FLAG, load_web_config
 
@@ -107,7 +113,7 @@ def _run_as(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .http_server import DEFAULT_LISTEN_ADDRESS
+    from .http_server import DEFAULT_LISTEN_ADDRESS, DEFAULT_MAX_REQUESTS
 
     parser = _Parser(prog="tcpstate", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"tcpstate {__version__}")
@@ -130,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--web.config.file", dest="web_config", type=_web_config, default=None,
                        metavar="FILE",
                        help="TLS and basic auth, in the Prometheus exporter-toolkit format")
+    serve.add_argument("--web.max-requests", dest="max_requests", type=_max_requests,
+                       default=DEFAULT_MAX_REQUESTS, metavar="N",
+                       help="scrapes answered at once; more wait briefly for a shared "
+                            f"body, else get 503 (default {DEFAULT_MAX_REQUESTS})")
     serve.add_argument("--run-as", dest="run_as", type=_run_as, default=None, metavar="USER",
                        help="once attached, become USER with no capabilities "
                             "(the TIME-WAIT gauge is then not exported)")
@@ -176,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
         attachment = choose_attachment(args.attach)
         check_all(SERVE_NEEDS, *([RUN_AS_NEEDS] if args.run_as else []),
                   attach=attachment.kind)
-        return serve(
+        code = serve(
             attachment=attachment,
             listen_address=args.listen_address,
             telemetry_path=args.telemetry_path,
@@ -185,7 +195,18 @@ def run(args: argparse.Namespace) -> int:
             dry_run=args.dry_run,
             web_config=args.web_config,
             run_as=args.run_as,
+            max_requests=args.max_requests,
         )
+        if not args.dry_run:
+            # Stopped and detached. Connection threads may still be inside
+            # bcrypt or a write: exit now rather than let interpreter
+            # shutdown race them (a daemon thread holding stderr's lock
+            # aborts the process).
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
     if args.command == "trace":
         from .trace import trace
 

@@ -20,7 +20,7 @@ from typing import Callable
 from prometheus_client import CollectorRegistry
 
 from .collector import TcpstateCollector
-from .http_server import bind
+from .http_server import DEFAULT_MAX_REQUESTS, bind
 from .netns import NamespaceAccessError
 from .held import HeldProgram
 from .program import Attachment, choose_attachment
@@ -28,6 +28,10 @@ from .webconfig import WebConfig
 
 log = logging.getLogger(__name__)
 
+# SIGHUP reloads --web.config.file; the others stop.
+_CONTROL_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+# The duration sums are read this often between scrapes, so that none
+# wraps unseen (tracer.maps.WrappingSums).
 SUMS_REFRESH_SECONDS = 60
 
 
@@ -70,24 +74,23 @@ def serve(
     web_config: WebConfig | None = None,
     run_as=None,
     report: Callable[[str], None] = print,
+    max_requests: int = DEFAULT_MAX_REQUESTS,
     attachment: Attachment | None = None,
 ) -> int:
     """`run_as` is a pwd entry (tracer.privileges.lookup_user) or None."""
-    stop = threading.Event()
-
-    def on_signal(signum, _frame) -> None:
-        log.info("received %s, stopping", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    # A signal goes to any thread that does not block it, and Python runs
+    # its handler only when the main thread next wakes: with the HTTP threads
+    # busy (a flood) a SIGTERM could wait an hour. So the signals are blocked
+    # before any thread starts (threads inherit the mask), and the main
+    # thread takes them synchronously; one sent while loading waits for it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _CONTROL_SIGNALS)
     logging.getLogger("tracer.collector").addFilter(_RepeatsOnce())
 
     registry = CollectorRegistry(auto_describe=True)
     scrape_lock = threading.Lock()
     # Bind before loading: a busy port fails fast, with nothing to undo.
     server = None if dry_run else bind(listen_address, registry, telemetry_path,
-                                       web_config, scrape_lock)
+                                       web_config, scrape_lock, max_requests)
     started = time.monotonic()
     try:
         probe = HeldProgram.load(service_ports, socket_table_size,
@@ -133,12 +136,16 @@ def serve(
         thread.start()
         log.info("serving %s on %s://%s", telemetry_path,
                  web_config.scheme if web_config else "http", listen_address)
-        # Idle, the process sleeps: the signal handler wakes this wait, the
-        # pipe wakes the HTTP thread. Once a minute the duration sums are
-        # read, so that none wraps unseen between scrapes.
-        while not stop.wait(SUMS_REFRESH_SECONDS):
-            with scrape_lock:
-                probe.refresh_sums()
+        while True:  # idle, the process sleeps here
+            received = signal.sigtimedwait(_CONTROL_SIGNALS, SUMS_REFRESH_SECONDS)
+            if received is None:
+                with scrape_lock:
+                    probe.refresh_sums()
+            elif received.si_signo == signal.SIGHUP:
+                server.reload()
+            else:
+                break
+        log.info("received %s, stopping", signal.Signals(received.si_signo).name)
         server.stop()
         thread.join(5)
         return 0

@@ -3,12 +3,13 @@ exporter-toolkit (docs/web-configuration.md there), so that one file serves
 every exporter of a host.
 
 Supported: tls_server_config (cert_file, key_file, client_auth_type,
-client_ca_file, min_version, max_version), http_server_config (headers;
-http2 is accepted and ignored: tcpstate speaks HTTP/1.1) and
-basic_auth_users (bcrypt hashes). Anything else in the file is an error,
-not silently ignored: a setting an operator believes in must be in force.
-Relative paths are relative to the file's directory, as in the toolkit.
-The file is read once, at start.
+client_ca_file, min_version, max_version, cipher_suites), http_server_config
+(headers; http2 is accepted and ignored: tcpstate speaks HTTP/1.1) and
+basic_auth_users (bcrypt hashes of cost 4 to 14). Anything else in the file,
+a key given twice included, is an error, not silently ignored: a setting an
+operator believes in must be in force. Relative paths are relative to the
+file's directory, as in the toolkit. The file is read at start and again on
+SIGHUP (tracer.http_server swaps it in whole, or keeps the old one).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import hashlib
 import re
 import ssl
 import threading
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -42,57 +44,163 @@ TLS_VERSIONS = {
     "TLS13": ssl.TLSVersion.TLSv1_3,
 }
 TLS_KEYS = ("cert_file", "key_file", "client_auth_type", "client_ca_file",
-            "min_version", "max_version")
+            "min_version", "max_version", "cipher_suites")
+# The toolkit's (Go's) names of the TLS 1.2 suites offered: forward-secret
+# (ECDHE) and AEAD only; static-RSA and CBC suites are refused by name.
+# TLS 1.3 suites are all forward-secret and not configurable, as in Go.
+CIPHER_SUITES = {
+    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256": "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256": "ECDHE-RSA-AES128-GCM-SHA256",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384": "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384": "ECDHE-RSA-AES256-GCM-SHA384",
+    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-ECDSA-CHACHA20-POLY1305",
+    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-RSA-CHACHA20-POLY1305",
+}
+DEFAULT_CIPHERS = ":".join(CIPHER_SUITES.values())
 HEADER_KEYS = ("Content-Security-Policy", "X-Frame-Options", "X-Content-Type-Options",
                "X-XSS-Protection", "Strict-Transport-Security")
-BCRYPT_HASH = re.compile(r"^\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}$")
-# Checked against for unknown users, so that a wrong name costs the same
-# time as a wrong password and does not reveal which names exist.
-_DUMMY_HASH = b"$2b$10$" + b"." * 53
-_CACHE_SIZE = 64
+# The toolkit's allowed values, where it has a list (compared without case).
+HEADER_VALUES = {"X-Frame-Options": ("deny", "sameorigin"), "X-Content-Type-Options": ("nosniff",)}
+# Visible ASCII and inner spaces: what every HTTP client reads the same way.
+HEADER_VALUE = re.compile(r"^[!-~]+( +[!-~]+)*$")
+BCRYPT_HASH = re.compile(r"^\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}$")
+# bcrypt's cost doubles per step: 14 is ~1 s a check on a server core; a
+# `$2b$31$` hash would make every login take days and must not load.
+MIN_COST, MAX_COST = 4, 14
+SUCCESS_CACHE_SIZE = 64
+FAILURE_CACHE_SIZE = 1024
 
 
 def _fail(where: str, problem: str) -> UsageError:
     return UsageError(f"{FLAG}: {where}: {problem}")
 
 
-@dataclass
+class _TakingTurns:
+    """One bcrypt check at a time (a check is ~60 ms of a core at cost 10).
+    Sources take turns: a source that queues many checks delays another
+    source by one check, not by its whole queue."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._busy = False
+        self._queues: OrderedDict[str, deque] = OrderedDict()
+        self._granted: object | None = None
+        self.checking = 0       # checks running now (0 or 1)
+        self.most_checking = 0  # the most ever at once
+
+    def acquire(self, source: str) -> None:
+        with self._cond:
+            if self._busy or self._queues:
+                ticket = object()
+                self._queues.setdefault(source, deque()).append(ticket)
+                while self._granted is not ticket:
+                    self._cond.wait()
+                self._granted = None
+            self._busy = True
+            self.checking += 1
+            self.most_checking = max(self.most_checking, self.checking)
+
+    def release(self) -> None:
+        with self._cond:
+            self.checking -= 1
+            if not self._queues:
+                self._busy = False
+                return
+            source, queue = next(iter(self._queues.items()))
+            self._granted = queue.popleft()
+            if queue:
+                self._queues.move_to_end(source)  # the next source goes first next time
+            else:
+                del self._queues[source]
+            self._cond.notify_all()
+
+
+class _Remembered:
+    """A bounded set of credential digests, least recently used out first."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._keys: OrderedDict[bytes, None] = OrderedDict()
+        self.evicted = 0
+
+    def __contains__(self, key: bytes) -> bool:
+        if key in self._keys:
+            self._keys.move_to_end(key)
+            return True
+        return False
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def add(self, key: bytes) -> None:
+        self._keys[key] = None
+        self._keys.move_to_end(key)
+        while len(self._keys) > self.size:
+            self._keys.popitem(last=False)
+            self.evicted += 1
+
+
 class BasicAuth:
     """Checks `Authorization: Basic` headers against bcrypt hashes. bcrypt
-    is slow on purpose (~60 ms at cost 10): a success is remembered, keyed
-    by a SHA-256 of the credentials, never by the password itself."""
+    is slow on purpose, so: one check at a time (sources taking turns), and
+    both answers remembered in two bounded caches, so that repeating a wrong
+    password costs no check and a flood of new wrong ones never pushes out
+    the scraper's success. Keys are a SHA-256 of (user, stored hash,
+    password), never the password itself; a new configuration (a reload)
+    starts with empty caches."""
 
-    users: Mapping[str, bytes]
-    _verified: set[bytes] = field(default_factory=set)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    def __init__(self, users: Mapping[str, bytes]):
+        self.users = dict(users)
+        # Checked against for unknown users, at the highest cost configured,
+        # so that a wrong name costs what a wrong password costs and does not
+        # reveal which names exist.
+        cost = max((_cost(hashed) for hashed in self.users.values()), default=MIN_COST)
+        self._decoy = b"$2b$%02d$" % cost + b"." * 53
+        self.successes = _Remembered(SUCCESS_CACHE_SIZE)
+        self.failures = _Remembered(FAILURE_CACHE_SIZE)
+        self._lock = threading.Lock()  # the caches
+        self.turns = _TakingTurns()
 
-    def allows(self, header: str | None) -> bool:
-        if not header or not header[:6].lower() == "basic ":
+    def allows(self, header: str | None, source: str = "") -> bool:
+        credentials = _credentials(header)
+        if credentials is None:
             return False
-        try:
-            user, sep, password = base64.b64decode(header[6:].strip(), validate=True) \
-                .decode("utf-8").partition(":")
-        except (binascii.Error, UnicodeDecodeError):
-            return False
-        if not sep:
-            return False
-        key = hashlib.sha256(f"{user}\0{password}".encode()).digest()
+        user, password = credentials
+        stored = self.users.get(user)
+        key = hashlib.sha256(b"\0".join((user.encode(), stored or b"", password))).digest()
         with self._lock:
-            if key in self._verified:
+            if key in self.successes:
                 return True
+            if key in self.failures:
+                return False
         import bcrypt
 
-        stored = self.users.get(user)
+        self.turns.acquire(source)
         try:
-            ok = bcrypt.checkpw(password.encode(), stored or _DUMMY_HASH) and stored is not None
+            ok = bcrypt.checkpw(password, stored or self._decoy) and stored is not None
         except ValueError:
             ok = False
-        if ok:
-            with self._lock:
-                if len(self._verified) >= _CACHE_SIZE:
-                    self._verified.clear()
-                self._verified.add(key)
+        finally:
+            self.turns.release()
+        with self._lock:
+            (self.successes if ok else self.failures).add(key)
         return ok
+
+
+def _credentials(header: str | None) -> tuple[str, bytes] | None:
+    """(user, password) from `Basic base64(user:password)`, else None."""
+    if not header or not header[:6].lower() == "basic ":
+        return None
+    try:
+        user, sep, password = base64.b64decode(header[6:].strip().encode("ascii"),
+                                               validate=True).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeError, ValueError):  # non-ASCII too: a 401, not a crash
+        return None
+    return (user, password.encode()) if sep else None
+
+
+def _cost(hashed: bytes) -> int:
+    return int(hashed[4:6])
 
 
 @dataclass
@@ -105,6 +213,12 @@ class WebConfig:
     @property
     def scheme(self) -> str:
         return "https" if self.tls else "http"
+
+    def warnings(self) -> list[str]:
+        if self.auth is not None and self.tls is None:
+            return [f"{FLAG} {self.path}: basic auth without TLS sends passwords in clear text "
+                    "to anyone on the path (add tls_server_config)"]
+        return []
 
 
 def _mapping(value: Any, where: str) -> dict:
@@ -161,6 +275,7 @@ def _tls_context(section: dict, base: Path) -> ssl.SSLContext:
         raise _fail(where, f"client_auth_type {policy} needs client_ca_file")
 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.set_ciphers(_ciphers(section.get("cipher_suites"), f"{where}.cipher_suites"))
     for name, default, attribute in (("min_version", "TLS12", "minimum_version"),
                                      ("max_version", "TLS13", "maximum_version")):
         version = _string(section, name, where, default)
@@ -177,14 +292,31 @@ def _tls_context(section: dict, base: Path) -> ssl.SSLContext:
     return context
 
 
+def _ciphers(names: Any, where: str) -> str:
+    if names is None:
+        return DEFAULT_CIPHERS
+    if not isinstance(names, list) or not names:
+        raise _fail(where, "expected a list of suite names, e.g. [TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256]")
+    for name in names:
+        if name not in CIPHER_SUITES:
+            raise _fail(where, f"{name!r} is not supported (forward-secret AEAD suites only: "
+                               f"{', '.join(CIPHER_SUITES)})")
+    return ":".join(CIPHER_SUITES[name] for name in names)
+
+
 def _basic_auth(section: dict) -> BasicAuth | None:
     users: dict[str, bytes] = {}
     for user, hashed in section.items():
         if not isinstance(user, str) or not user or ":" in user:
             raise _fail("basic_auth_users", f"{user!r} is not a valid user name")
-        if not isinstance(hashed, str) or not BCRYPT_HASH.match(hashed):
+        match = BCRYPT_HASH.match(hashed) if isinstance(hashed, str) else None
+        if not match:
             raise _fail(f"basic_auth_users.{user}",
                         "expected a bcrypt hash ($2y$10$...), e.g. from `htpasswd -nBC 10 \"\"`")
+        if not MIN_COST <= int(match[1]) <= MAX_COST:
+            raise _fail(f"basic_auth_users.{user}",
+                        f"bcrypt cost {int(match[1])} is outside {MIN_COST}-{MAX_COST} "
+                        "(each step doubles the time of every check; 10 is usual)")
         users[user] = hashed.encode()
     return BasicAuth(users) if users else None
 
@@ -198,11 +330,41 @@ def _headers(section: dict) -> dict[str, str]:
     found = {}
     for name in headers:
         value = _string(headers, name, "http_server_config.headers")
-        if any(c in value for c in "\r\n"):
-            raise _fail(f"http_server_config.headers.{name}", "must be one line")
-        if value:
-            found[name] = value
+        if not value:
+            continue
+        if not HEADER_VALUE.match(value):
+            raise _fail(f"http_server_config.headers.{name}",
+                        "must be visible ASCII characters and inner spaces, on one line")
+        allowed = HEADER_VALUES.get(name)
+        if allowed and value.lower() not in allowed:
+            raise _fail(f"http_server_config.headers.{name}",
+                        f"{value!r} is not one of {', '.join(allowed)}")
+        found[name] = value
     return found
+
+
+def _strict_loader() -> type:
+    """yaml's SafeLoader, but a key given twice in one mapping is an error:
+    with the last one winning, a second empty `tls_server_config:` would
+    silently turn TLS off."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                except TypeError:  # an unhashable key: SafeLoader reports it
+                    break
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return StrictLoader
 
 
 def load_web_config(text: str) -> WebConfig:
@@ -212,7 +374,7 @@ def load_web_config(text: str) -> WebConfig:
 
     path = Path(text)
     try:
-        document = yaml.safe_load(path.read_text())
+        document = yaml.load(path.read_text(), Loader=_strict_loader())  # noqa: S506 (safe)
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise UsageError(f"{FLAG}: cannot read {text!r}: {getattr(exc, 'strerror', None) or exc}") \
             from None
@@ -226,7 +388,7 @@ def load_web_config(text: str) -> WebConfig:
     base = path.resolve().parent
     tls_section = _mapping(top.get("tls_server_config"), "tls_server_config")
     return WebConfig(
-        path=path,
+        path=path.absolute(),
         tls=_tls_context(tls_section, base) if tls_section else None,
         auth=_basic_auth(_mapping(top.get("basic_auth_users"), "basic_auth_users")),
         headers=_headers(_mapping(top.get("http_server_config"), "http_server_config")),

@@ -17,6 +17,7 @@ import socket
 import ssl
 import subprocess
 import urllib.parse
+import time
 import urllib.request
 
 import bcrypt
@@ -245,3 +246,82 @@ def test_exposes_only_bounded_labels_no_addresses_no_process_names(lab):
     assert len(scrape) <= real_bound(len(ports))
     build = scrape.series(m.BUILD_INFO)
     assert len(build) == 1 and build[0]["kernel"] == os.uname().release
+
+
+# ---- a hostile neighbour (issue 15) ------------------------------------------
+def _plain_auth_config(directory, users: dict[str, str], cost: int = 10):
+    config = directory / "web.yml"
+    config.write_text("basic_auth_users:\n" + "".join(
+        f"  {user}: '{bcrypt.hashpw(password.encode(), bcrypt.gensalt(cost)).decode()}'\n"
+        for user, password in users.items()))
+    return config
+
+
+def _wrong_password_flood(port: int, clients: int, stop) -> list:
+    """`clients` threads, each sending a new wrong password per request
+    (nothing to cache) over a kept-alive connection until `stop` is set."""
+    def flood(i: int) -> None:
+        n = 0
+        while not stop.is_set():
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                while not stop.is_set():
+                    n += 1
+                    connection.request("GET", "/metrics", headers=basic(USER, f"guess {i}.{n}"))
+                    connection.getresponse().read()
+            except (OSError, http.client.HTTPException):
+                time.sleep(0.05)
+
+    import threading
+
+    threads = [threading.Thread(target=flood, args=(i,), daemon=True) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_during_a_wrong_password_flood_stops_it_exit_0(tmp_path, sig):
+    """140 clients keep bcrypt busy; the signal may land on any thread. The
+    exporter must stop at all (bench figure 8 times stopping)."""
+    import threading
+
+    config = _plain_auth_config(tmp_path, {USER: PASSWORD})
+    exporter = Exporter("--web.config.file", str(config), service_ports=(47324,),
+                        headers=basic(USER, PASSWORD)).start()
+    stop = threading.Event()
+    threads = _wrong_password_flood(exporter.port, 140, stop)
+    try:
+        time.sleep(3)
+        assert exporter.process.poll() is None
+        exporter.process.send_signal(sig)
+        try:
+            code = exporter.process.wait(30)
+        except subprocess.TimeoutExpired:
+            code = None
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+        exporter.stop()
+    assert code == 0, f"{signal.Signals(sig).name} during the flood: {code}\n{exporter.log()}"
+    assert "Traceback" not in exporter.log() and "Fatal Python error" not in exporter.log()
+
+
+def test_sighup_reloads_the_web_config_and_a_bad_one_keeps_the_old(tmp_path):
+    config = _plain_auth_config(tmp_path, {"alice": PASSWORD}, cost=4)
+    with Exporter("--web.config.file", str(config), service_ports=(47325,),
+                  headers=basic("alice", PASSWORD)) as exporter:
+        assert "basic auth without TLS" in exporter.log()  # warned at start
+        assert request(exporter.port, headers=basic("alice", PASSWORD))[0] == 200
+        _plain_auth_config(tmp_path, {"bob": PASSWORD}, cost=4)
+        exporter.process.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: request(exporter.port, headers=basic("bob", PASSWORD))[0] == 200)
+        assert request(exporter.port, headers=basic("alice", PASSWORD))[0] == 401
+        config.write_text("basic_auth_users:\n  bob: x\n  bob: y\n")
+        exporter.process.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: "reload of" in exporter.log())
+        failed = [line for line in exporter.log().splitlines() if "reload of" in line]
+        assert len(failed) == 1 and "previous configuration stays" in failed[0]
+        assert request(exporter.port, headers=basic("bob", PASSWORD))[0] == 200
+        assert exporter.process.poll() is None

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -155,6 +156,14 @@ def test_unit_gives_up_only_on_errors_that_retrying_cannot_heal():
     assert {int(code) for code in codes.split()} == {
         EXIT_USAGE, EXIT_PRIVILEGES, EXIT_HEADERS, EXIT_TRACEPOINT, EXIT_KERNEL_VERSION}
     assert unit_values(unit_entries(UNIT), "Restart") == ["on-failure"]
+
+
+def test_unit_reload_sends_sighup_which_serve_takes_as_reread_the_web_config():
+    (reload,) = unit_values(unit_entries(UNIT), "ExecReload")
+    assert reload.split() == ["/bin/kill", "-HUP", "$MAINPID"]
+    import tracer.serve
+
+    assert signal.SIGHUP in tracer.serve._CONTROL_SIGNALS
 
 
 def test_environment_file_sets_the_variable_the_unit_reads():

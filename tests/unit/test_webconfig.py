@@ -99,7 +99,10 @@ def test_malformed_config_is_a_usage_error(tmp_path, text, message):
     ("  client_auth_type: RequestClientCert\n", "unverified certificates"),
     ("  client_auth_type: Sometimes\n", "'Sometimes' is not one of"),
     ("  min_version: TLS9\n", "'TLS9' is not one of"),
-    ("  cipher_suites: [TLS_AES_128_GCM_SHA256]\n", "'cipher_suites' is not supported"),
+    ("  cipher_suites: [TLS_AES_128_GCM_SHA256]\n", "forward-secret AEAD suites only"),
+    ("  cipher_suites: [TLS_RSA_WITH_AES_128_GCM_SHA256]\n", "forward-secret AEAD suites only"),
+    ("  cipher_suites: [TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA]\n", "forward-secret AEAD suites only"),
+    ("  cipher_suites: []\n", "expected a list of suite names"),
 ])
 def test_malformed_tls_section(tmp_path, pki, extra, message):
     with pytest.raises(UsageError, match=message):
@@ -156,14 +159,14 @@ def server_for(tmp_path):
         Counter("probe_requests", "a metric to find", registry=registry).inc()
         config = load_web_config(str(write(tmp_path, text)))
         server = bind("127.0.0.1:0", registry, "/metrics", config)
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+        threading.Thread(target=server.serve_until_stopped,
                          daemon=True).start()
         servers.append(server)
         return server.server_address[1]
 
     yield start
     for server in servers:
-        server.shutdown()
+        server.stop()
         server.server_close()
 
 
@@ -217,3 +220,163 @@ def test_auth_and_headers_over_plain_http(server_for):
     status, body, headers = get(port, headers={"Authorization": basic("alice", PASSWORD)})
     assert status == 200 and "probe_requests_total 1.0" in body
     assert headers["X-Content-Type-Options"] == "nosniff"
+
+
+# ---- hardening (issue 15) ---------------------------------------------------
+@pytest.mark.parametrize("text, line", [
+    ("tls_server_config: {}\nbasic_auth_users: {}\ntls_server_config:\n", 3),
+    (f"basic_auth_users:\n  alice: '{HASH}'\n  alice: '{HASH}'\n", 3),
+    ("http_server_config:\n  headers:\n    X-Frame-Options: deny\n    X-Frame-Options: deny\n", 4),
+])
+def test_a_key_given_twice_is_an_error(tmp_path, text, line):
+    with pytest.raises(UsageError, match=f"line {line}: duplicate key"):
+        load_web_config(str(write(tmp_path, text)))
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("Content-Security-Policy", "default-src 'sélf'", "visible ASCII"),
+    ("Content-Security-Policy", "a\tb", "visible ASCII"),
+    ("X-Frame-Options", "allowall", "not one of deny, sameorigin"),
+    ("X-Content-Type-Options", "sniff", "not one of nosniff"),
+])
+def test_header_values_are_visible_ascii_and_allowed(tmp_path, name, value, message):
+    with pytest.raises(UsageError, match=message):
+        load_web_config(str(write(tmp_path, f"http_server_config:\n  headers:\n"
+                                            f"    {name}: \"{value}\"\n")))
+
+
+def test_header_values_the_toolkit_allows_load(tmp_path):
+    config = load_web_config(str(write(tmp_path, (
+        "http_server_config:\n  headers:\n    X-Frame-Options: SAMEORIGIN\n"
+        "    Content-Security-Policy: \"default-src 'self'; frame-ancestors 'none'\"\n"
+        "    Strict-Transport-Security: max-age=31536000; includeSubDomains\n"))))
+    assert config.headers["Content-Security-Policy"] == "default-src 'self'; frame-ancestors 'none'"
+
+
+@pytest.mark.parametrize("cost", [3, 15, 31])
+def test_bcrypt_cost_outside_4_to_14_is_refused(tmp_path, cost):
+    hashed = HASH.replace("$04$", f"${cost:02d}$", 1)
+    with pytest.raises(UsageError, match=f"bcrypt cost {cost} is outside 4-14"):
+        load_web_config(str(write(tmp_path, f"basic_auth_users:\n  alice: '{hashed}'\n")))
+
+
+def test_cli_bcrypt_cost_31_exits_2(tmp_path):
+    hashed = HASH.replace("$04$", "$31$", 1)
+    result = subprocess.run([TCPSTATE, "serve", "--web.config.file",
+                             str(write(tmp_path, f"basic_auth_users:\n  alice: '{hashed}'\n"))],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == EXIT_USAGE and "bcrypt cost 31" in result.stderr
+
+
+class _CheckSpy:
+    """Wraps the real bcrypt.checkpw: how many checks ran, at once at most,
+    and with which hashes."""
+
+    def __init__(self, monkeypatch):
+        self.real = bcrypt.checkpw
+        self.lock = threading.Lock()
+        self.running = self.most = self.calls = 0
+        self.hashes: list[bytes] = []
+        monkeypatch.setattr(bcrypt, "checkpw", self)
+
+    def __call__(self, password, hashed):
+        with self.lock:
+            self.running += 1
+            self.calls += 1
+            self.most = max(self.most, self.running)
+            self.hashes.append(hashed)
+        try:
+            return self.real(password, hashed)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def test_one_bcrypt_check_at_a_time(tmp_path, monkeypatch):
+    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(8)).decode()  # ~15 ms a check
+    auth = load_web_config(str(write(tmp_path, f"basic_auth_users:\n  alice: '{hashed}'\n"))).auth
+    spy = _CheckSpy(monkeypatch)
+    start = threading.Barrier(16)
+
+    def guess(i):
+        start.wait()
+        assert not auth.allows(basic("alice", f"guess {i}"), source=f"10.0.0.{i % 3}")
+
+    threads = [threading.Thread(target=guess, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert spy.calls == 16 and spy.most == 1
+
+
+def test_failures_are_cached_and_never_evict_successes(tmp_path, monkeypatch):
+    auth = load_web_config(str(write(tmp_path, f"basic_auth_users:\n  alice: '{HASH}'\n"))).auth
+    spy = _CheckSpy(monkeypatch)
+    assert auth.allows(basic("alice", PASSWORD))
+    assert not auth.allows(basic("alice", "wrong"))
+    assert not auth.allows(basic("alice", "wrong"))  # remembered: no second check
+    assert spy.calls == 2
+    for i in range(auth.failures.size + 50):  # a flood of new wrong passwords
+        assert not auth.allows(basic("alice", f"wrong {i}"))
+    assert len(auth.failures) == auth.failures.size and auth.failures.evicted == 51
+    calls = spy.calls
+    assert auth.allows(basic("alice", PASSWORD))  # still remembered
+    assert spy.calls == calls and len(auth.successes) == 1
+
+
+def test_cache_is_keyed_by_the_stored_hash_too(tmp_path):
+    auth = load_web_config(str(write(tmp_path, f"basic_auth_users:\n  alice: '{HASH}'\n"))).auth
+    assert auth.allows(basic("alice", PASSWORD))
+    auth.users["alice"] = bcrypt.hashpw(b"new password", bcrypt.gensalt(4))
+    assert not auth.allows(basic("alice", PASSWORD))
+
+
+def test_unknown_users_are_checked_at_the_highest_configured_cost(tmp_path, monkeypatch):
+    cheap = bcrypt.hashpw(b"x", bcrypt.gensalt(4)).decode()
+    dear = bcrypt.hashpw(b"y", bcrypt.gensalt(9)).decode()
+    auth = load_web_config(str(write(
+        tmp_path, f"basic_auth_users:\n  alice: '{cheap}'\n  bob: '{dear}'\n"))).auth
+    spy = _CheckSpy(monkeypatch)
+    assert not auth.allows(basic("mallory", "guess"))
+    assert spy.hashes == [spy.hashes[0]] and spy.hashes[0].startswith(b"$2b$09$")
+
+
+def test_non_ascii_authorization_is_refused_not_raised(tmp_path):
+    auth = load_web_config(str(write(tmp_path, f"basic_auth_users:\n  alice: '{HASH}'\n"))).auth
+    assert not auth.allows("Basic ééé")
+    assert not auth.allows("Basic " + base64.b64encode("alice:é".encode("latin-1")).decode())
+
+
+def test_tls_12_offers_forward_secret_aead_suites_only(tmp_path, pki):
+    for extra, expected in (("", None),
+                            ("  cipher_suites: [TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384]\n",
+                             {"ECDHE-RSA-AES256-GCM-SHA384"})):
+        context = load_web_config(str(write(tmp_path, tls_section(pki, extra)))).tls
+        tls12 = {c["name"] for c in context.get_ciphers() if c["protocol"] == "TLSv1.2"}
+        assert tls12 and all(name.startswith("ECDHE-") and ("GCM" in name or "CHACHA" in name)
+                             for name in tls12), tls12
+        if expected:
+            assert tls12 == expected
+
+
+def test_a_tls_12_client_offering_only_cbc_suites_cannot_connect(server_for, pki):
+    """(The test PKI's keys are ECDSA: static-RSA suites could not be chosen
+    with it anyway; their absence is checked on the context above.)"""
+    port = server_for(tls_section(pki))
+    old = client_context(pki, cert=False)
+    old.maximum_version = ssl.TLSVersion.TLSv1_2
+    old.set_ciphers("ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES256-SHA384")
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        get(port, old)
+    modern = client_context(pki, cert=False)
+    modern.maximum_version = ssl.TLSVersion.TLSv1_2
+    assert get(port, modern)[0] == 200
+
+
+def test_basic_auth_without_tls_is_warned_about(tmp_path, pki):
+    plain = load_web_config(str(write(tmp_path, f"basic_auth_users:\n  alice: '{HASH}'\n")))
+    assert len(plain.warnings()) == 1 and "without TLS" in plain.warnings()[0]
+    secured = load_web_config(str(write(tmp_path, tls_section(pki)
+                                        + f"basic_auth_users:\n  alice: '{HASH}'\n")))
+    assert secured.warnings() == []
