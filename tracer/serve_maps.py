@@ -18,6 +18,8 @@ from .states import FAMILIES, NSTATES, SIDES
 NFAMILIES = len(FAMILIES)
 NSIDES = len(SIDES)
 SUMS = ("state_duration_sum_ns", "connection_duration_sum_ns")
+# bpf/tcpstate.h: a table row holds a key (8 bytes) and an entry (24) per socket
+SOCKET_ENTRY_BYTES = 32
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,22 @@ def serve_layout(port_slots: int) -> dict[str, MapLayout]:
         "live_untracked": MapLayout((p, f, s), "int64", False, writable=True),
         "counters": MapLayout((len(COUNTERS),), "uint64", True),
     }
+
+
+def map_bytes(cpus: int, port_slots: int, table_capacity: int, page: int = 4096) -> int:
+    """Kernel memory of serve's maps, each rounded up to pages as the kernel
+    charges it (bpftool's bytes_memlock): the per-CPU cells grow with CPUs x
+    port slots, the socket table with its size (32 bytes a socket). What a
+    pod's memory limit must hold beside the processes (README, DaemonSet)."""
+    pages = lambda size: -(-size // page) * page  # noqa: E731
+    # a memory-mapped array takes a page for its header beside its values
+    total = sum(pages(8 * spec.cells * (cpus if spec.per_cpu else 1)) + page
+                for spec in serve_layout(port_slots).values())
+    total += pages(SOCKET_ENTRY_BYTES * table_capacity)
+    if port_slots > 1:
+        # service_port_slot and listeners: an array's values take 8 bytes each
+        total += 2 * pages(8 * 65536)
+    return total
 
 
 def port_labels_of(service_ports) -> tuple[str, ...]:

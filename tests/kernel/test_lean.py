@@ -11,6 +11,8 @@ import socket
 import subprocess
 
 from tracer import metrics as m
+from tracer.program import possible_cpus
+from tracer.serve_maps import map_bytes
 
 from .conftest import SERVICE_PORTS
 from .exporter import TCPSTATE, Exporter, free_port, prog_ids_of
@@ -122,3 +124,19 @@ def test_sigkill_of_the_running_server_detaches_on_both_paths():
             assert wait_for(lambda: not (held & program_ids()), timeout=10), attach
         finally:
             exporter.stop()
+
+
+def test_the_maps_cost_what_the_formula_says(exporter):
+    """map_bytes() is what README and the DaemonSet budget the maps at: it
+    agrees with what the kernel charges (bpftool's bytes_memlock)."""
+    (prog_id,) = prog_ids_of(exporter.process.pid)
+    shown = json.loads(subprocess.run(["bpftool", "prog", "show", "id", str(prog_id), "-j"],
+                                      check=True, capture_output=True, text=True).stdout)
+    charged = 0
+    for map_id in shown["map_ids"]:
+        info = json.loads(subprocess.run(["bpftool", "map", "show", "id", str(map_id), "-j"],
+                                         check=True, capture_output=True, text=True).stdout)
+        charged += info["bytes_memlock"]
+    capacity = exporter.scrape().value(m.SOCKET_TABLE_CAPACITY)
+    expected = map_bytes(possible_cpus(), 1 + len(SERVICE_PORTS), int(capacity))
+    assert abs(charged - expected) <= 0.001 * expected, (charged, expected)
