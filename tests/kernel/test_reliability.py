@@ -52,8 +52,12 @@ def bpftool_knows(prog_id: int) -> bool:
                           capture_output=True).returncode == 0
 
 
-def get(port: int, path: str = "/metrics", timeout: float = 10) -> tuple[int, str]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+def get(port: int, path: str = "/metrics", timeout: float = 10,
+        source: str | None = None) -> tuple[int, str]:
+    """One request on a connection of its own, from `source` (a loopback
+    address) if given."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout,
+                                            source_address=(source, 0) if source else None)
     try:
         connection.request("GET", path)
         response = connection.getresponse()
@@ -217,8 +221,10 @@ def test_concurrent_scrapes_during_churn_are_whole_and_never_go_back(lab):
     with Exporter(service_ports=(port,)) as exporter:
         before = transitions_of(exporter.scrape(), "ipv4", port)
         with churn(lab, port) as caused:
-            def scrape_once(_) -> tuple[int, Scrape]:
-                status, body = get(exporter.port, timeout=60)
+            # each from a source address of its own, as 50 Prometheus servers
+            # are: one source may hold at most 32 connections
+            def scrape_once(i: int) -> tuple[int, Scrape]:
+                status, body = get(exporter.port, timeout=60, source=f"127.0.0.{2 + i}")
                 return status, Scrape.parse(body)
 
             with ThreadPoolExecutor(50) as pool:
