@@ -32,6 +32,7 @@ FIGURES = {
     "first_count": figures.first_count,
     "exact": figures.exact_count,
     "stop": figures.stop_time,
+    "skips": figures.skips_under_scrapes,
 }
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
