@@ -21,14 +21,15 @@ from pathlib import Path
 from tests.kernel.exporter import Exporter, Scrape, free_port
 from tests.kernel.netlab import inside
 from tracer import metrics as m
+from tracer.program import RAW_TRACEPOINT
 
 from . import measure
 from .lab import CHURN_PORT, SERVICE_PORTS, Lab
+from .programs import EmptyProgram
 
 TCPSTATE = str(Path(sys.executable).with_name("tcpstate"))
 TCPSTATES = "/usr/sbin/tcpstates-bpfcc"
 NODE_EXPORTER = "prometheus-node-exporter"
-EMPTY_HANDLER = Path(__file__).resolve().parent / "empty.bpf.c"
 NOTHING_PORT = 9  # discard: no socket of the run uses it
 START_TIMEOUT_S = 60
 
@@ -75,18 +76,17 @@ class Config:
 
 
 class EmptyHandler(Config):
-    """A BPF program that does nothing, on the same tracepoint: the floor."""
+    """A BPF program that does nothing, on the raw tracepoint serve attaches
+    to by default: the floor."""
 
     name = "empty handler"
 
     def __enter__(self) -> "EmptyHandler":
-        from bcc import BPF
-
-        self.bpf = BPF(src_file=str(EMPTY_HANDLER).encode())
+        self.program = EmptyProgram(RAW_TRACEPOINT).__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.bpf.cleanup()
+        self.program.__exit__(*exc)
 
 
 class Serve(Config):

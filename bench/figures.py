@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 from tests.kernel.exporter import Exporter, Scrape, prog_ids_of
 from tracer import metrics as m
-from tracer.probe import FUNCTION, Probe
+from tracer.probe import Probe
+from tracer.program import RAW_TRACEPOINT, TRACEPOINT
 
-from . import measure
-from .configs import QUICK_RATE_CONFIGS, RATE_CONFIGS, EmptyHandler, NodeExporter, Scraper, Serve, \
-    Tcpstates
-from .lab import CHURN_PORT, DENSE, REQUEST_RESPONSE, SERVICE_PORTS, Lab, Workload
+from . import ftrace, measure, programs
+from .configs import QUICK_RATE_CONFIGS, RATE_CONFIGS, NodeExporter, Scraper, Serve, Tcpstates
+from .lab import CHURN_PORT, DENSE, REQUEST_RESPONSE, SERVICE_PORTS, SINGLE, Lab, Workload
 
 # Connections per second that make ~200k transitions/s (six per connection).
 RATE_200K = 200_000 / 6
@@ -49,6 +49,8 @@ class Settings:
     hostile_attempts: int = 40   # figure 9: the correct scraper's attempts, 0.5 s apart
     hostile_warmup: float = 5    # figure 9: seconds of flood before the first attempt
     exact_connections: int = 200_000
+    skip_connections: int = 40_000  # skips figure: per round
+    skip_rounds: int = 3         # skips figure: pairs of rounds (without, with scrapes) per path
     rate_configs: tuple = RATE_CONFIGS
 
     @classmethod
@@ -58,6 +60,7 @@ class Settings:
                    scrape_interval=2, scrapes=40, held=(5_000,), gauge_scrapes=5,
                    first_count_repeats=1, stop_repeats=1, exact_connections=20_000,
                    hostile_attempts=10, hostile_warmup=3,
+                   skip_connections=10_000, skip_rounds=1,
                    rate_configs=QUICK_RATE_CONFIGS)
 
 
@@ -66,78 +69,143 @@ def _ns_per_event(before: dict, after: dict) -> tuple[float, int]:
     return (after["run_time_ns"] - before["run_time_ns"]) / max(runs, 1), runs
 
 
-TRACEPOINT = b"sock:inet_sock_set_state"
+EMPTY = "empty program"
+COUNTERS_ONLY = "counters only"
+SOCKET_TABLE = "+ socket table"
+SERVE_DEFAULT = "+ histograms (serve's default)"
+# Built per attach path: the feature-cost steps on serve's default path (raw),
+# serve's default program on the classic one.
+VARIANTS = {
+    RAW_TRACEPOINT: {
+        COUNTERS_ONLY: lambda path: programs.counters_only(attach=path),
+        SOCKET_TABLE: lambda path: programs.socket_table_without_histograms(attach=path),
+        SERVE_DEFAULT: lambda path: Probe(attach=path, seed_live_sockets=False),
+        ALL_FEATURES: lambda path: Probe(attach=path, service_ports=SERVICE_PORTS,
+                                         seed_live_sockets=False),
+    },
+    TRACEPOINT: {
+        SERVE_DEFAULT: lambda path: Probe(attach=path, seed_live_sockets=False),
+    },
+}
 
 
 def kernel_cost(lab: Lab, settings: Settings) -> dict:
-    """Figure 1: run_time_ns / run_cnt of each program on the tracepoint.
-    First ("alone"): our program built with one feature more at each step,
-    attached one at a time beside an empty handler (the floor), so that no
-    variant pollutes another's caches. Then ("same run"): the variants, two
-    empty handlers (first and last: the kernel runs programs in attach
-    order) and bcc's tcpstates all attached at once, timed on the same
-    events."""
-    variants = {
-        "counters only": dict(extra_cflags=["-DNO_SOCKET_TABLE"]),
-        "+ socket table": dict(extra_cflags=["-DNO_HISTOGRAMS"]),
-        "+ histograms (serve's default)": {},
-        ALL_FEATURES: dict(service_ports=SERVICE_PORTS),
-    }
-    function = FUNCTION.encode()
-    with measure.bpf_stats_enabled(), contextlib.ExitStack() as stack:
-        first = stack.enter_context(EmptyHandler())
-        empty = _fd_reader(first.bpf.funcs[function].fd)
-        probes = {name: stack.enter_context(contextlib.closing(
-            Probe(seed_live_sockets=False, **options))) for name, options in variants.items()}
-        for probe in probes.values():
-            probe.bpf.detach_tracepoint(TRACEPOINT)
-        alone, workload = [], []
+    """Figure 1, per attach path (raw tracepoint, classic tracepoint):
+    run_time_ns / run_cnt of our program, attached one variant at a time
+    beside an empty program of the same attach type (the floor), timed on
+    the same events; and, with statistics off as users run it, the
+    workload's CPU per event with each program attached alone against the
+    untraced runs just before and after it (A B A B ... A): the raw
+    program's run time includes its reads of the socket's fields, the
+    classic one's excludes the kernel's copy of the tracepoint's record,
+    which the workload's CPU includes on both paths. Then ("same run",
+    full runs only): every program, two empty programs per path (first and
+    last: the kernel runs a hook's programs in attach order) and bcc's
+    tcpstates attached at once."""
+    with contextlib.ExitStack() as stack:
+        empties = {path: stack.enter_context(programs.EmptyProgram(path, attached=False))
+                   for path in programs.PATHS}
+        built = {(path, name): stack.enter_context(contextlib.closing(build(path)))
+                 for path, variants in VARIANTS.items() for name, build in variants.items()}
+        for program in built.values():
+            program.detach()
+        entries = [(path, EMPTY, empties[path]) for path in programs.PATHS]
+        entries += [(path, name, program) for (path, name), program in built.items()]
+        ns_rounds, cpu_rounds = [], []
         for _ in range(settings.cost_rounds):
-            costs, effects = {}, {}
-            for name, probe in probes.items():
-                without = lab.churn(settings.churn_seconds)
-                probe.bpf.attach_tracepoint(tp=TRACEPOINT, fn_name=function)
-                measured = _cost_round(lab, settings, {name: probe.prog_stats,
-                                                       "empty handler": empty})
-                probe.bpf.detach_tracepoint(TRACEPOINT)
-                costs[name] = measured["ns"][name]
-                costs[f"empty handler beside {name}"] = measured["ns"]["empty handler"]
-                # What the workload pays beyond the program's own run time
-                # (caches, TLB): its CPU per connection with and without.
-                extra = _cpu_per_connection(measured["churn"]) - _cpu_per_connection(without)
-                effects[name] = {"rate_ratio": measured["churn"]["rate"] / without["rate"],
-                                 "extra_cpu_ns_per_event": 1e9 * extra
-                                 * measured["churn"]["connections"]
-                                 / max(measured["churn"]["transitions"], 1)}
-            alone.append(costs)
-            workload.append(effects)
+            with measure.bpf_stats_enabled(False):
+                cpu_rounds.append(_workload_cpu_round(lab, settings, entries))
+            with measure.bpf_stats_enabled():
+                ns_rounds.append(_beside_empty_round(lab, settings, built, empties))
+        paths = {}
+        for path in programs.PATHS:
+            rows = {}
+            for name in (EMPTY, *VARIANTS[path]):
+                effect = [r[(path, name)] for r in cpu_rounds]
+                row = {"extra_cpu_ns_per_event": [e["extra_cpu_ns_per_event"] for e in effect],
+                       "rate_ratio": [e["rate_ratio"] for e in effect]}
+                if name != EMPTY:
+                    timed = [r[(path, name)] for r in ns_rounds]
+                    row.update(ns=[t["ns"] for t in timed], empty_ns=[t["empty_ns"] for t in timed],
+                               ratio=[t["ns"] / t["empty_ns"] for t in timed],
+                               events=[t["events"] for t in timed])
+                rows[name] = {**row, **{f"median_{key}": measure.median(values)
+                                        for key, values in row.items()}}
+            paths[path] = rows
+        result = {"paths": paths, "same_run": {}, "events_per_round": []}
+        if settings.cost_beside_peer:
+            result.update(_same_run(lab, settings, stack, built, empties))
+    return result
 
-        effects = {name: {key: measure.median([r[name][key] for r in workload])
-                          for key in workload[0][name]} for name in workload[0]}
-        if not settings.cost_beside_peer:
-            return {"alone": _medians(alone), "workload": effects, "same_run": {},
-                    "events_per_round": []}
-        readers = {"empty handler (first)": empty}
-        for name, probe in probes.items():
-            probe.bpf.attach_tracepoint(tp=TRACEPOINT, fn_name=function)
-            readers[name] = probe.prog_stats
-        last = stack.enter_context(EmptyHandler())
-        readers["empty handler (last)"] = _fd_reader(last.bpf.funcs[function].fd)
-        peer = stack.enter_context(Tcpstates())
-        (peer_prog,) = measure.programs_of(peer.pid)
-        readers["bcc tcpstates"] = lambda: measure.programs_of(peer.pid)[peer_prog]
+
+def _workload_cpu_round(lab: Lab, settings: Settings, entries: list) -> dict:
+    """Each program attached alone between untraced runs: the workload's
+    CPU per event beyond the untraced runs around it, and its rate ratio."""
+    effects = {}
+    before = lab.churn(settings.churn_seconds)
+    for path, name, program in entries:
+        program.attach()
+        try:
+            traced = lab.churn(settings.churn_seconds)
+        finally:
+            program.detach()
+        after = lab.churn(settings.churn_seconds)
+        untraced = (_cpu_per_event(before) + _cpu_per_event(after)) / 2
+        effects[(path, name)] = {
+            "extra_cpu_ns_per_event": 1e9 * (_cpu_per_event(traced) - untraced),
+            "rate_ratio": traced["rate"] / ((before["rate"] + after["rate"]) / 2)}
+        before = after
+    return effects
+
+
+def _beside_empty_round(lab: Lab, settings: Settings, built: dict, empties: dict) -> dict:
+    """Each program attached with the empty program of its attach type
+    (attached first), both timed on the same events."""
+    timed = {}
+    for (path, name), program in built.items():
+        empty = empties[path]
+        empty.attach()
+        program.attach()
+        try:
+            measured = _cost_round(lab, settings, {"program": program.prog_stats,
+                                                   "empty": empty.prog_stats})
+        finally:
+            program.detach()
+            empty.detach()
+        timed[(path, name)] = {"ns": measured["ns"]["program"],
+                               "empty_ns": measured["ns"]["empty"],
+                               "events": measured["events"]["program"]}
+    return timed
+
+
+def _same_run(lab: Lab, settings: Settings, stack: contextlib.ExitStack, built: dict,
+              empties: dict) -> dict:
+    readers = {}
+    for path in programs.PATHS:
+        empties[path].attach()
+        readers[f"{path}: {EMPTY} (first)"] = empties[path].prog_stats
+        for (program_path, name), program in built.items():
+            if program_path == path:
+                program.attach()
+                readers[f"{path}: {name}"] = program.prog_stats
+        last = stack.enter_context(programs.EmptyProgram(path))
+        readers[f"{path}: {EMPTY} (last)"] = last.prog_stats
+    peer = stack.enter_context(Tcpstates())
+    (peer_prog,) = measure.programs_of(peer.pid)
+    readers["bcc tcpstates (classic tracepoint)"] = \
+        lambda: measure.programs_of(peer.pid)[peer_prog]
+    with measure.bpf_stats_enabled():
         same_run = [_cost_round(lab, settings, readers) for _ in range(settings.cost_rounds)]
     return {
-        "alone": _medians(alone), "workload": effects,
         "same_run": {name: {"median_ns": measure.median([r["ns"][name] for r in same_run]),
                             "ns": [r["ns"][name] for r in same_run]} for name in readers},
-        "events_per_round": [r["events"]["counters only"] for r in same_run],
+        "events_per_round": [r["events"][f"{RAW_TRACEPOINT}: {SERVE_DEFAULT}"]
+                             for r in same_run],
     }
 
 
-def _medians(rounds: list[dict]) -> dict:
-    return {name: {"median_ns": measure.median([r[name] for r in rounds]),
-                   "ns": [r[name] for r in rounds]} for name in rounds[0]}
+def _cpu_per_event(churn: dict) -> float:
+    return churn["cpu_seconds"] / max(churn["transitions"], 1)
 
 
 def _cost_round(lab: Lab, settings: Settings, readers: dict) -> dict:
@@ -147,10 +215,6 @@ def _cost_round(lab: Lab, settings: Settings, readers: dict) -> dict:
     costs = {name: _ns_per_event(before[name], after[name]) for name in readers}
     return {"ns": {name: ns for name, (ns, _) in costs.items()},
             "events": {name: runs for name, (_, runs) in costs.items()}, "churn": churn}
-
-
-def _fd_reader(fd: int):
-    return lambda: measure.prog_stats_of_fd(fd)
 
 
 def rate_ratios(lab: Lab, settings: Settings) -> dict:
@@ -517,3 +581,96 @@ def hostile_neighbour(lab: Lab, settings: Settings) -> dict:
             "max_ms": 1000 * max(times),
             "neighbour_answered": json.loads(out.strip().splitlines()[-1]) if out.strip() else {},
             "stop": stop, "log_tail": exporter.log().splitlines()[-3:]}
+# The skips figure: the steered softirq and `tcpstate serve` share CPU 0, as
+# a NIC's interrupts and the exporter share a CPU on a host; the churn runs
+# on CPU 1.
+STEERED_CPU, WORKLOAD_CPU = 0, 1
+
+
+def skips_under_scrapes(lab: Lab, settings: Settings) -> dict:
+    """Skips under scrapes: a fresh namespace whose loopback receive
+    softirq RPS steers to CPU 0, `tcpstate serve --attach PATH` pinned to
+    CPU 0, a churn of one client and one server thread pinned to CPU 1;
+    rounds without and with a loop of scrapes against serve, alternately, on
+    each attach path. Per round: the namespace's PassiveOpens against the
+    births (listen -> syn_recv) serve counted on the churn's port,
+    tcpstate_bpf_missed_events_total's delta (host-wide), and the births an
+    ftrace instance saw over a thread of PID 1 (hidden from every BPF program
+    by this kernel, counted nowhere: bench/ftrace.py)."""
+    results = {}
+    with Lab(name="rps", rps_cpus=format(1 << STEERED_CPU, "x")) as steered, \
+            ftrace.BirthEvents(CHURN_PORT) as births:
+        for path in programs.PATHS:
+            exporter = Exporter("--attach", path, service_ports=(CHURN_PORT,))
+            exporter.command = ["taskset", "-c", str(STEERED_CPU), *exporter.command]
+            rounds = []
+            with exporter:
+                for _ in range(settings.skip_rounds):
+                    for scraping in (False, True):
+                        rounds.append(_skips_round(steered, exporter, births, scraping,
+                                                   settings.skip_connections))
+            results[path] = {"rounds": rounds,
+                             "without": _skips_totals([r for r in rounds if not r["scraping"]]),
+                             "with": _skips_totals([r for r in rounds if r["scraping"]])}
+    for result in results.values():
+        result["ok"] = (result["with"]["missed"] <= result["without"]["missed"]
+                        and result["with"]["skipped"] <= result["without"]["skipped"]
+                        and all(r["accounted"] for r in result["rounds"]))
+    return {"connections": settings.skip_connections, "paths": results,
+            "steered_cpu": STEERED_CPU, "workload_cpu": WORKLOAD_CPU}
+
+
+def _skips_round(steered: Lab, exporter: Exporter, births: "ftrace.BirthEvents",
+                 scraping: bool, connections: int) -> dict:
+    port = {m.PORT_LABEL: str(CHURN_PORT)}
+
+    def counted(scrape: Scrape) -> tuple[float, float]:
+        return (scrape.total(m.TRANSITIONS, old_state="listen", new_state="syn_recv", **port),
+                scrape.total(m.MISSED_EVENTS))
+
+    before, kernel_before = counted(exporter.scrape()), steered.tcp_mib()["PassiveOpens"]
+    births.clear()
+    pid1 = ftrace.pid1_threads()
+    stop, scrapes = threading.Event(), []
+
+    def scrape_loop() -> None:
+        scraper = Scraper(exporter.port)
+        try:
+            while not stop.is_set():
+                scrapes.append(scraper.get()[0])
+        finally:
+            scraper.close()
+
+    loop = threading.Thread(target=scrape_loop, daemon=True)
+    if scraping:
+        loop.start()
+    try:
+        churn = steered.churn(connections=connections, workload=SINGLE, cpu=WORKLOAD_CPU)
+    finally:
+        stop.set()
+        if scraping:
+            loop.join()
+    pid1 |= ftrace.pid1_threads()
+    seen = births.take(pid1)
+    after, kernel_after = counted(exporter.scrape()), steered.tcp_mib()["PassiveOpens"]
+    kernel = kernel_after - kernel_before
+    births_counted, missed = int(after[0] - before[0]), int(after[1] - before[1])
+    return {"scraping": scraping, "scrapes": len(scrapes),
+            "scrapes_per_s": len(scrapes) / churn["seconds"],
+            "connections": churn["connections"], "failed": churn["failed"],
+            "seconds": churn["seconds"], "passive_opens": kernel, "counted": births_counted,
+            "missed": missed, "ftrace": seen.recorded, "ftrace_overrun": seen.overrun,
+            "hidden_by_kernel": seen.over_pid1,
+            # the churn's births the kernel skipped the program for; `missed`
+            # is host-wide, so it counts these and any other socket's
+            "skipped": kernel - births_counted - seen.over_pid1,
+            "accounted": (not seen.overrun and seen.recorded == kernel
+                          and 0 <= kernel - births_counted - seen.over_pid1 <= missed)}
+
+
+def _skips_totals(rounds: list[dict]) -> dict:
+    keys = ("connections", "passive_opens", "counted", "missed", "hidden_by_kernel",
+            "skipped", "scrapes")
+    totals = {key: sum(r[key] for r in rounds) for key in keys}
+    totals["seconds"] = sum(r["seconds"] for r in rounds)
+    return totals

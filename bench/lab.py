@@ -72,6 +72,8 @@ DENSE = Workload("dense")
 # flat out on the same 2 cores, the rate the issues' targets are set at.
 REQUEST_RESPONSE = Workload("request/response", clients=5, servers=5, request_bytes=100,
                             response_bytes=100, exchanges=3)
+# One client and one server thread, for a churn pinned to one CPU.
+SINGLE = Workload("single", clients=1, servers=1)
 
 
 def run(*command: str) -> str:
@@ -85,17 +87,27 @@ def build_churn(into: Path) -> Path:
 
 
 def remove_stale_namespaces() -> None:
-    """Namespaces a killed earlier run left behind."""
+    """Namespaces a killed earlier run left behind: those whose creating
+    process (the pid in the name) is gone, never a running one's."""
     for name in os.listdir("/run/netns") if os.path.isdir("/run/netns") else ():
-        if name.startswith(NS_PREFIX):
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        if not name.startswith(NS_PREFIX):
+            continue
+        pid = name[len(NS_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and os.path.exists(f"/proc/{pid}"):
+            continue
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
 class Lab:
-    """The namespace and the churn binary; a context manager that removes both."""
+    """The namespace and the churn binary; a context manager that removes both.
 
-    def __init__(self) -> None:
-        self.namespace = f"{NS_PREFIX}{os.getpid()}"
+    rps_cpus: a hex CPU mask the namespace's loopback receive softirq is
+    steered to (RPS), as a NIC's interrupts land on one CPU of a real host;
+    `name` tells a second lab of the same run apart."""
+
+    def __init__(self, name: str = "", rps_cpus: str | None = None) -> None:
+        self.namespace = f"{NS_PREFIX}{os.getpid()}" + (f"-{name}" if name else "")
+        self.rps_cpus = rps_cpus
         self._build = tempfile.TemporaryDirectory(prefix="tcpstate-bench-")
         self.churn_binary = build_churn(Path(self._build.name))
 
@@ -106,6 +118,9 @@ class Lab:
             run("ip", "-n", self.namespace, "link", "set", "lo", "up")
             for key, value in SYSCTLS.items():
                 self.exec("sysctl", "-qw", f"{key}={value}")
+            if self.rps_cpus:  # sysfs inside `ip netns exec` is the namespace's
+                self.exec("sh", "-c", f"echo {self.rps_cpus} > "
+                          "/sys/class/net/lo/queues/rx-0/rps_cpus")
         except BaseException:
             self.close()
             raise
@@ -124,11 +139,18 @@ class Lab:
     def exec(self, *command: str) -> str:
         return run(*self.command(*command))
 
+    def tcp_mib(self) -> dict[str, int]:
+        """The namespace's TCP counters (/proc/net/snmp): PassiveOpens, ..."""
+        names, values = [line.split()[1:] for line in self.exec("cat", "/proc/net/snmp")
+                         .splitlines() if line.startswith("Tcp:")]
+        return dict(zip(names, map(int, values)))
+
     def churn(self, seconds: float | None = None, connections: int | None = None,
               rate: float | None = None, workload: Workload = DENSE,
-              port: int = CHURN_PORT) -> dict:
-        """Run the churn to its end; its JSON report, with `transitions`, the
-        state changes the kernel must have reported for it."""
+              port: int = CHURN_PORT, cpu: int | None = None) -> dict:
+        """Run the churn to its end (pinned to `cpu` when given); its JSON
+        report, with `transitions`, the state changes the kernel must have
+        reported for it."""
         args = [*workload.args(), "-p", str(port)]
         if seconds:
             args += ["-d", str(seconds)]
@@ -136,7 +158,8 @@ class Lab:
             args += ["-n", str(connections)]
         if rate:
             args += ["-r", str(rate)]
-        done = subprocess.run(self.command(str(self.churn_binary), *args),
+        pinned = ["taskset", "-c", str(cpu)] if cpu is not None else []
+        done = subprocess.run(self.command(*pinned, str(self.churn_binary), *args),
                               capture_output=True, text=True)
         if done.returncode not in (0, 3):  # 3: some connects failed, reported
             raise RuntimeError(f"churn failed: {done.stderr.strip()}")

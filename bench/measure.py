@@ -11,19 +11,23 @@ import statistics
 import subprocess
 from typing import Iterator, Sequence
 
+from tracer.program import FUNCTION
+
 BPF_STATS = "/proc/sys/kernel/bpf_stats_enabled"
-BCC_FUNCTION_NAME = "tracepoint__sock__inet_sock_set_state"  # bcc's name for it
+# Program names on inet_sock_set_state: tcpstate's (and bench/'s) handler,
+# and bcc's auto-attached name (tcpstates, older tcpstate builds).
+PROGRAM_NAMES = (FUNCTION, "tracepoint__sock__inet_sock_set_state")
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @contextlib.contextmanager
-def bpf_stats_enabled() -> Iterator[None]:
-    """kernel.bpf_stats_enabled=1 for the block (it costs every program two
-    clock reads per run, so it is put back as it was)."""
+def bpf_stats_enabled(enabled: bool = True) -> Iterator[None]:
+    """kernel.bpf_stats_enabled=1 (or 0) for the block; it costs every
+    program two clock reads per run, so it is put back as it was."""
     with open(BPF_STATS) as current:
         before = current.read().strip()
     with open(BPF_STATS, "w") as sysctl:
-        sysctl.write("1")
+        sysctl.write("1" if enabled else "0")
     try:
         yield
     finally:
@@ -60,11 +64,11 @@ def programs_of(pid: int) -> dict[int, dict[str, int]]:
 
 
 def tracepoint_programs() -> list[int]:
-    """Ids of every bcc program loaded for sock:inet_sock_set_state (ours,
-    the peers', and other engineers' tests on a shared machine)."""
+    """Ids of every program loaded for inet_sock_set_state, raw or classic
+    (ours, the peers', and other engineers' tests on a shared machine)."""
     shown = json.loads(subprocess.run(["bpftool", "prog", "show", "-j"], check=True,
                                       capture_output=True, text=True).stdout)
-    return [prog["id"] for prog in shown if prog.get("name") == BCC_FUNCTION_NAME]
+    return [prog["id"] for prog in shown if prog.get("name") in PROGRAM_NAMES]
 
 
 def map_memory(prog_id: int) -> dict[str, int]:

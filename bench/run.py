@@ -33,6 +33,7 @@ FIGURES = {
     "exact": figures.exact_count,
     "stop": figures.stop_time,
     "hostile": figures.hostile_neighbour,
+    "skips": figures.skips_under_scrapes,
 }
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 

@@ -7,9 +7,6 @@
  * space reads totals at scrape time with no system call and does no work
  * per event: transition counters, per-state and per-connection duration
  * histograms, and live sockets per state.
- *
- * bench/ only (figure 1 of BENCHMARKS.md measures each feature's cost):
- *   NO_SOCKET_TABLE, NO_HISTOGRAMS   leave a feature out
  */
 #include "tcpstate.h"
 
@@ -142,22 +139,18 @@ static __always_inline void table_evicted(u32 cpu, const struct sock_entry *gone
 /* One function per histogram: bcc binds a map only where it is named. */
 static __always_inline void observe_state(u32 cpu, u32 index, u64 ns)
 {
-#ifndef NO_HISTOGRAMS
     u32 key = (cpu * NTRANSITIONS + index) * NBUCKETS + duration_slot(ns);
     add_cell(state_duration_buckets.lookup(&key), 1);
     key = cpu * NTRANSITIONS + index;
     add_cell(state_duration_sum_ns.lookup(&key), ns);
-#endif
 }
 
 static __always_inline void observe_connection(u32 cpu, u32 index, u64 ns)
 {
-#ifndef NO_HISTOGRAMS
     u32 key = (cpu * NCONN + index) * NBUCKETS + duration_slot(ns);
     add_cell(connection_duration_buckets.lookup(&key), 1);
     key = cpu * NCONN + index;
     add_cell(connection_duration_sum_ns.lookup(&key), ns);
-#endif
 }
 
 /* A socket's service port: the local port of listeners and accepted
@@ -213,14 +206,6 @@ STATE_CHANGE_HANDLER(on_state_change)
     }
     u32 cpu = c.cpu;
     count_listeners(&c);
-#ifdef NO_SOCKET_TABLE
-    /* bench/: the transition counters alone (no table: no durations,
-     * gauge or owner). Never built by tcpstate itself. */
-    count_transition(cpu, TRANSITION_INDEX(c.birth ? port_slot_at_birth(&c)
-                                                   : port_slot_unseen(&c),
-                                           c.fam, c.old, c.new));
-    return 0;
-#endif
     u64 now = bpf_ktime_get_ns();
     u32 row_index = row_of(c.sk);
     struct table_row *row = socket_table.lookup(&row_index);
