@@ -80,6 +80,9 @@ struct state_change {
     u16 sk_family;          /* AF_INET or AF_INET6: where the addresses are */
     u16 sport, dport;       /* host order */
     bool birth;
+#ifdef RAW_TRACEPOINT
+    u8 head[SK_HEAD_LEN];   /* the copy of sock_common's span */
+#endif
 };
 
 static __always_inline bool v4_mapped(const u8 *a)
@@ -119,69 +122,75 @@ static __always_inline void finish_change(struct state_change *c)
 }
 
 #ifdef RAW_TRACEPOINT
-#if !defined(SK_FAMILY) || !defined(SK_PROTOCOL) || !defined(SK_PROTOCOL_SIZE) || \
-    !defined(SK_DPORT) || !defined(SK_SPORT) || !defined(SK_V6_DADDR) || \
+#if !defined(SK_HEAD) || !defined(SK_HEAD_LEN) || !defined(SK_FAMILY) || \
+    !defined(SK_PROTOCOL) || !defined(SK_PROTOCOL_SIZE) || !defined(SK_DPORT) || \
+    !defined(SK_NUM) || !defined(SK_SPORT) || !defined(SK_V6_DADDR) || \
     !defined(SK_V6_SADDR) || !defined(SK_DADDR) || !defined(SK_SADDR)
 #error "the raw tracepoint needs the SK_* offsets of tracer/program.py (from BTF)"
 #endif
 #define STATE_CHANGE_HANDLER(name) int name(struct bpf_raw_tracepoint_args *ctx)
 #define SK_READ(dst, sk, offset, size) \
     bpf_probe_read_kernel((dst), (size), (const char *)(sk) + (offset))
+/* A member of struct sock_common, from the copy of its span (SK_HEAD). */
+#define HEAD_AT(c, member) ((c)->head + (member) - SK_HEAD)
 
 /* Reads what the tracepoint's own record would carry, from `sk` at BTF
- * offsets: the local port from inet_sport, which the kernel keeps until the
- * socket is freed (skc_num is zeroed when the port is released, just before
- * the transition to CLOSE). Returns 1 for another protocol, -1 for another
- * family, 0 for a TCP change to count. */
+ * offsets, with as few copies as it can: every helper call costs about as
+ * much as the rest of the handler. sock_common's addresses, ports and
+ * family in one copy; the protocol in another. The local port is skc_num,
+ * or, once the kernel has released the port just before the transition to
+ * CLOSE (skc_num is then 0), inet_sport, which stays until the socket is
+ * freed. Returns 1 for another protocol, -1 for another family, 0 for a
+ * TCP change to count. */
 static __always_inline int read_change(struct bpf_raw_tracepoint_args *ctx,
                                        struct state_change *c)
 {
     const void *sk = (const void *)ctx->args[0];
-    u16 protocol = 0, family = 0, sport = 0, dport = 0;
+    u16 protocol = 0, family, num, dport;
     SK_READ(&protocol, sk, SK_PROTOCOL, SK_PROTOCOL_SIZE);
     if (protocol != IPPROTO_TCP)
         return 1;
-    SK_READ(&family, sk, SK_FAMILY, sizeof(family));
-    if (family == AF_INET) {
-        c->fam = 0;
-    } else if (family == AF_INET6) {
-        u8 daddr6[16], saddr6[16];
-        SK_READ(daddr6, sk, SK_V6_DADDR, sizeof(daddr6));
-        if (unspecified(daddr6))
-            SK_READ(saddr6, sk, SK_V6_SADDR, sizeof(saddr6));
-        else
-            __builtin_memset(saddr6, 0, sizeof(saddr6));
-        c->fam = packet_family(daddr6, saddr6);
-    } else {
+    if (SK_READ(c->head, sk, SK_HEAD, SK_HEAD_LEN))
         return -1;
+    __builtin_memcpy(&family, HEAD_AT(c, SK_FAMILY), sizeof(family));
+    if (family == AF_INET)
+        c->fam = 0;
+    else if (family == AF_INET6)
+        c->fam = packet_family(HEAD_AT(c, SK_V6_DADDR), HEAD_AT(c, SK_V6_SADDR));
+    else
+        return -1;
+    __builtin_memcpy(&num, HEAD_AT(c, SK_NUM), sizeof(num));
+    __builtin_memcpy(&dport, HEAD_AT(c, SK_DPORT), sizeof(dport));
+    if (num == 0) {
+        u16 sport = 0;
+        SK_READ(&sport, sk, SK_SPORT, sizeof(sport));
+        num = bpf_ntohs(sport);
     }
-    SK_READ(&sport, sk, SK_SPORT, sizeof(sport));
-    SK_READ(&dport, sk, SK_DPORT, sizeof(dport));
     c->sk = (u64)sk;
     c->old = (u32)ctx->args[1];
     c->new = (u32)ctx->args[2];
     c->sk_family = family;
-    c->sport = bpf_ntohs(sport);
+    c->sport = num;
     c->dport = bpf_ntohs(dport);
     finish_change(c);
     return 0;
 }
 
-/* The addresses as IPv6 (IPv4 as ::ffff:a.b.c.d), for trace's records. */
+/* The addresses as IPv6 (IPv4 as ::ffff:a.b.c.d), for trace's records,
+ * from the copy read_change made. */
 static __always_inline void read_addresses(struct bpf_raw_tracepoint_args *ctx,
                                            const struct state_change *c,
                                            u8 *saddr, u8 *daddr)
 {
-    const void *sk = (const void *)ctx->args[0];
     if (c->sk_family == AF_INET) {
         __builtin_memset(saddr, 0, 10);
         __builtin_memset(daddr, 0, 10);
         saddr[10] = saddr[11] = daddr[10] = daddr[11] = 0xff;
-        SK_READ(saddr + 12, sk, SK_SADDR, 4);
-        SK_READ(daddr + 12, sk, SK_DADDR, 4);
+        __builtin_memcpy(saddr + 12, HEAD_AT(c, SK_SADDR), 4);
+        __builtin_memcpy(daddr + 12, HEAD_AT(c, SK_DADDR), 4);
     } else {
-        SK_READ(saddr, sk, SK_V6_SADDR, 16);
-        SK_READ(daddr, sk, SK_V6_DADDR, 16);
+        __builtin_memcpy(saddr, HEAD_AT(c, SK_V6_SADDR), 16);
+        __builtin_memcpy(daddr, HEAD_AT(c, SK_V6_DADDR), 16);
     }
 }
 #else

@@ -56,6 +56,7 @@ COUNTERS = (
 SOCKET_MEMBERS = {
     "SK_FAMILY": ("sock", "__sk_common.skc_family"),
     "SK_DPORT": ("sock", "__sk_common.skc_dport"),
+    "SK_NUM": ("sock", "__sk_common.skc_num"),
     "SK_DADDR": ("sock", "__sk_common.skc_daddr"),
     "SK_SADDR": ("sock", "__sk_common.skc_rcv_saddr"),
     "SK_V6_DADDR": ("sock", "__sk_common.skc_v6_daddr"),
@@ -63,6 +64,13 @@ SOCKET_MEMBERS = {
     "SK_PROTOCOL": ("sock", "sk_protocol"),
     "SK_SPORT": ("inet_sock", "inet_sport"),
 }
+# The members of struct sock_common above are read with one copy: the span
+# from the first to the end of the last (88 bytes on 6.18), SK_HEAD and
+# SK_HEAD_LEN. A copy costs about as much whatever its length up to there;
+# each one more is a helper call on every event.
+HEAD_MEMBERS = ("SK_FAMILY", "SK_DPORT", "SK_NUM", "SK_DADDR", "SK_SADDR", "SK_V6_DADDR",
+                "SK_V6_SADDR")
+MAX_HEAD_LEN = 256
 # Read by trace only: whether the current task is a kernel thread.
 TASK_MEMBERS = {"TASK_FLAGS": ("task_struct", "flags")}
 
@@ -93,13 +101,21 @@ def socket_offsets(btf: Btf) -> dict[str, int]:
     """The cflags of the raw tracepoint's reads; BtfError when one is
     missing, is a bitfield (sk_protocol before Linux 5.6) or is too wide."""
     offsets: dict[str, int] = {}
+    ends = []
     for flag, (struct, path) in {**SOCKET_MEMBERS, **TASK_MEMBERS}.items():
         member = btf.member(struct, path)
         offsets[flag] = member.byte_offset
+        if flag in HEAD_MEMBERS:
+            ends.append(member.byte_offset + member.size)
         if flag == "SK_PROTOCOL":
             if member.size not in (1, 2):
                 raise BtfError(f"BTF: sock.sk_protocol is {member.size} bytes, not 1 or 2")
             offsets["SK_PROTOCOL_SIZE"] = member.size
+    offsets["SK_HEAD"] = min(offsets[flag] for flag in HEAD_MEMBERS)
+    offsets["SK_HEAD_LEN"] = max(ends) - offsets["SK_HEAD"]
+    if offsets["SK_HEAD_LEN"] > MAX_HEAD_LEN:
+        raise BtfError(f"BTF: the socket's addresses and ports span "
+                       f"{offsets['SK_HEAD_LEN']} bytes, more than {MAX_HEAD_LEN}")
     return offsets
 
 
