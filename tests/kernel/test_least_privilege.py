@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -197,6 +198,27 @@ def _syscall_names(filter_value: str, systemd_analyze: str) -> set[str]:
     return names
 
 
+class TracedExporter(Exporter):
+    """serve under `strace -f`. A SIGTERM to strace would detach it and
+    leave serve running: the signal goes to serve, strace ends with it, and
+    Exporter.stop() kills whatever is left of the group in any case."""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.process is not None and self.process.poll() is None:
+            try:
+                with open(f"/proc/{self.process.pid}/task/{self.process.pid}/children") as file:
+                    traced = [int(pid) for pid in file.read().split()]
+            except OSError:
+                traced = []
+            for pid in traced:
+                os.kill(pid, sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass  # Exporter.stop() kills it
+        return super().stop(sig, timeout)
+
+
 def test_every_system_call_is_in_the_unit_filter(tmp_path):
     """What serve and the run-as drop start, load, scrape and stop with."""
     strace = _debian_tool("strace", "strace")
@@ -209,12 +231,14 @@ def test_every_system_call_is_in_the_unit_filter(tmp_path):
     for args, caps in (((), UNIT_CAPABILITIES),
                        ((f"--run-as={NOBODY}",), RUN_AS_CAPABILITIES)):
         trace = tmp_path / "strace.out"
-        exporter = Exporter(*args)
+        exporter = TracedExporter(*args)
         exporter.command = as_root_with(caps, strace, "-f", "-qq", "-o", str(trace),
                                         *exporter.command)
         with exporter:
             exporter.scrape()
             exporter.scrape()
+        # strace exits as its tracee did: serve stopped on SIGTERM, traced to the end
+        assert exporter.process.returncode == 0, exporter.log()
         text = trace.read_text()
         used |= set(re.findall(r"^\d+ +([a-z0-9_]+)\(", text, re.MULTILINE))
         # RestrictNamespaces=net lets setns() through only for CLONE_NEWNET.
