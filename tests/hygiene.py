@@ -36,8 +36,10 @@ import pytest
 
 from .kernel.netlab import PREFIX as NETNS_PREFIX
 
-STAND_IN_PREFIX = "tcpstate-test-"  # the staged checkout's and the containers' roots
 NETNS_DIR = Path("/run/netns")
+# Directories a session names after its pid (tests/kernel/staging.py's copy,
+# tests/kernel/test_systemd.py's containers): mounts under them are its own.
+STAND_IN_PREFIX = "tcpstate-test-"
 PR_SET_CHILD_SUBREAPER = 36
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 HEADLINE = "the test session left these behind"

@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -27,7 +26,6 @@ from tracer.metrics import SCRAPE_SUCCESS
 from tracer.prereq import DEFAULT_TRACEFS
 
 from ..unit.deploy_files import (
-    ENTRYPOINT,
     RUN_AS_DROP_IN,
     UNIT,
     capabilities,
@@ -36,8 +34,7 @@ from ..unit.deploy_files import (
     unit_entries,
     unit_values,
 )
-from .conftest import require_checkout_outside_tmp_and_readable
-from .exporter import TCPSTATE, Exporter
+from .exporter import Exporter
 
 UNIT_CAPABILITIES = capabilities(unit_entries(UNIT))
 RUN_AS_CAPABILITIES = capabilities(unit_entries(UNIT, RUN_AS_DROP_IN))
@@ -248,12 +245,12 @@ def test_every_system_call_is_in_the_unit_filter(tmp_path):
     assert used - allowed_names == set()
 
 
-def test_entrypoint_serves_in_a_stand_in_for_the_daemonset_pod():
+def test_entrypoint_serves_in_a_stand_in_for_the_daemonset_pod(staged):
     """The pod has a read-only root, empty /lib/modules and /tmp, the host's
     tracefs read-only, no host /run/netns, and the listed capabilities. A
     private mount namespace stands in for it (bind remounts: read-only for
-    this process only)."""
-    require_checkout_outside_tmp_and_readable()
+    this process only). It runs the staged copy: the checkout may be under
+    the /tmp the pod replaces."""
     container = daemonset_container()
     assert daemonset_capabilities() == UNIT_CAPABILITIES
     pod = "; ".join([
@@ -268,8 +265,8 @@ def test_entrypoint_serves_in_a_stand_in_for_the_daemonset_pod():
     ])
     command = ["unshare", "--mount", "--propagation=private", "sh", "-c", pod, "pod",
                *as_root_with(daemonset_capabilities(), "env",
-                             f"PATH={Path(TCPSTATE).parent}:/usr/bin:/bin",
-                             str(ENTRYPOINT), *container["args"], "--dry-run")]
+                             f"PATH={staged.tcpstate.parent}:/usr/bin:/bin",
+                             str(staged.entrypoint), *container["args"], "--dry-run")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr
     assert "using the image's headers linux-headers-" in result.stderr
