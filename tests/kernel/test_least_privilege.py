@@ -196,8 +196,9 @@ def _syscall_names(filter_value: str, systemd_analyze: str) -> set[str]:
 
 
 class TracedExporter(Exporter):
-    """serve under `strace -f`. A SIGTERM to strace would detach it and
-    leave serve running: the signal goes to serve, strace ends with it, and
+    """serve under `strace -f -o FILE`. That strace blocks SIGTERM, and the
+    SIGKILL that followed detached serve and left it running with its
+    program attached: the signal goes to serve, strace ends with it, and
     Exporter.stop() kills whatever is left of the group in any case."""
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
