@@ -231,9 +231,10 @@ class Hygiene:
                 pass
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            remaining = set(live) & set(self.ours())
-            self._reap(remaining)
-            if not {pid for pid, p in self.ours().items() if pid in live and p.state not in "ZX"}:
+            ours = self.ours()
+            # a killed process whose parent died too is re-parented to us: reap it
+            self._reap(pid for pid, p in ours.items() if pid in live and p.state == "Z")
+            if not any(pid in live and p.state not in "ZX" for pid, p in ours.items()):
                 break
             time.sleep(0.05)
 
@@ -272,13 +273,15 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     session.config.stash[KEY] = hygiene
 
 
-@pytest.hookimpl(hookwrapper=True)
+@pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem):
     began = _boot_ticks()
-    yield
-    hygiene = item.config.stash.get(KEY, None)
-    if hygiene is not None:
-        hygiene.sample(item.nodeid, began)
+    try:
+        return (yield)
+    finally:
+        hygiene = item.config.stash.get(KEY, None)
+        if hygiene is not None:
+            hygiene.sample(item.nodeid, began)
 
 
 @pytest.hookimpl(trylast=True)
