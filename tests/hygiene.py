@@ -195,10 +195,12 @@ class Hygiene:
             prog: (f"held by process {held_now[prog]}" if prog in held_now
                    else f"held during {self.seen_programs[prog]}") for prog in candidates}
         names = programs or {}
+        # Named after this process, one of ours, or one of ours that is gone
+        # (a live one of that pid is another's: pids are reused).
+        creators = {self.pid, *ours} | {pid for pid in self.seen_pids if pid not in table}
         leaked_namespaces = sorted(
             name for name in namespaces() - self.namespaces_at_start
-            if name[len(NETNS_PREFIX):].split("-", 1)[0] in
-            {str(pid) for pid in (self.pid, *self.seen_pids, *ours)})
+            if name[len(NETNS_PREFIX):].split("-", 1)[0] in {str(pid) for pid in creators})
         leaked_mounts = sorted(
             (point for point in mount_points() - self.mounts_at_start
              if any(mark in point + "/" for mark in self.marks)
