@@ -231,13 +231,15 @@ class Hygiene:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        # Until every one is reaped: a killed process whose parent died too is
+        # re-parented to us, and a zombie thread-group leader cannot be reaped
+        # until its other threads are gone (left, it would outlive us).
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            ours = self.ours()
-            # a killed process whose parent died too is re-parented to us: reap it
-            self._reap(pid for pid, p in ours.items() if pid in live and p.state == "Z")
-            if not any(pid in live and p.state not in "ZX" for pid, p in ours.items()):
+            left = [pid for pid in self.ours() if pid in live]
+            if not left:
                 break
+            self._reap(left)
             time.sleep(0.05)
 
     def _reap(self, pids) -> None:

@@ -38,7 +38,8 @@ LEAKY = """
         pid = exporter.process.pid
         with open(f"/proc/{{pid}}/task/{{pid}}/children") as children:
             (serve,) = map(int, children.read().split())
-        tell(serve=serve, programs=sorted(prog_ids_of(serve)))
+        tell(serve=serve, started=open(f"/proc/{{serve}}/stat").read().rsplit(")", 1)[1].split()[19],
+             programs=sorted(prog_ids_of(serve)))
         exporter.process.kill()
         exporter.process.wait()
 
@@ -73,6 +74,15 @@ def run_session(directory: Path, body: str) -> subprocess.CompletedProcess:
         cwd=CHECKOUT, capture_output=True, text=True, timeout=300)
 
 
+def is_running(pid: int, started: str) -> bool:
+    """Whether that process (pid and start time: a pid is soon reused) runs."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[19] == started
+    except FileNotFoundError:
+        return False
+
+
 def is_loaded(prog: int) -> bool:
     return subprocess.run(["bpftool", "prog", "show", "id", str(prog)],
                           capture_output=True, timeout=60).returncode == 0
@@ -93,7 +103,7 @@ def test_what_a_session_leaves_fails_the_run_and_is_removed(tmp_path):
     assert f"mount {left['mount']}" in output
     assert "could not remove" not in output
     # removed, all of it
-    assert not os.path.exists(f"/proc/{left['serve']}")
+    assert not is_running(left["serve"], left["started"])
     assert not any(is_loaded(prog) for prog in left["programs"])
     assert not os.path.exists(f"/run/netns/{left['namespace']}")
     assert left["mount"] not in mount_points()
