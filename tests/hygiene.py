@@ -271,10 +271,18 @@ class Hygiene:
 KEY = pytest.StashKey[Hygiene]()
 
 
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt(f"{signal.Signals(signum).name}")
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     hygiene = Hygiene()
     hygiene.start()
     session.config.stash[KEY] = hygiene
+    # A SIGTERM (a timeout, `kill`) ends the session as Ctrl-C does: fixtures
+    # tear down and this check still lists and removes what is left.
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupt)
 
 
 @pytest.hookimpl(wrapper=True)

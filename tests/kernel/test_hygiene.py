@@ -3,17 +3,22 @@ of its own behind, says what, and removes it.
 
 Each test runs a pytest session of its own (a child process) on a test
 file written here: one that leaves things behind on purpose, the way a
-killed or careless test does, and one that cleans up after itself.
+killed or careless test does, one that cleans up after itself, and one
+stopped by SIGTERM in the middle of a test.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
+
+import pytest
 
 from ..hygiene import HEADLINE, mount_points
 from .staging import CHECKOUT
@@ -63,15 +68,29 @@ TIDY = """
 """
 
 
-def run_session(directory: Path, body: str) -> subprocess.CompletedProcess:
+STUCK = """
+    import subprocess, time
+
+    def test_stuck_with_a_process_of_its_own():
+        # in a session of its own: not even a process-group kill reaches it
+        sleeper = subprocess.Popen(["sleep", "300"], start_new_session=True)
+        open({report!r}, "w").write(str(sleeper.pid))
+        time.sleep(300)
+"""
+
+
+def session_command(directory: Path, body: str) -> list[str]:
     test_file = directory / "test_session.py"
     test_file.write_text(textwrap.dedent(body))
+    return [sys.executable, "-m", "pytest", "-p", "tests.hygiene", "-p", "no:cacheprovider",
+            "-q", "--rootdir", str(directory), "--basetemp", str(directory / "base"),
+            str(test_file)]
+
+
+def run_session(directory: Path, body: str) -> subprocess.CompletedProcess:
     # the checkout as the working directory: `tests` (the plugin, Exporter) imports
-    return subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "tests.hygiene", "-p", "no:cacheprovider",
-         "-q", "--rootdir", str(directory), "--basetemp", str(directory / "base"),
-         str(test_file)],
-        cwd=CHECKOUT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(session_command(directory, body), cwd=CHECKOUT, capture_output=True,
+                          text=True, timeout=300)
 
 
 def is_running(pid: int, started: str) -> bool:
@@ -114,3 +133,27 @@ def test_a_session_that_cleans_up_passes(tmp_path):
     output = session.stdout + session.stderr
     assert session.returncode == 0, output
     assert "1 passed" in output and HEADLINE not in output
+
+
+def test_a_session_stopped_by_sigterm_still_removes_what_its_test_left(tmp_path):
+    report = tmp_path / "sleeper"
+    session = subprocess.Popen(session_command(tmp_path, STUCK.format(report=str(report))),
+                               cwd=CHECKOUT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (report.exists() and report.read_text()):
+            assert time.monotonic() < deadline and session.poll() is None, "no test started"
+            time.sleep(0.05)
+        sleeper = int(report.read_text())
+        with open(f"/proc/{sleeper}/stat") as stat:
+            started = stat.read().rsplit(")", 1)[1].split()[19]
+        session.send_signal(signal.SIGTERM)
+        output, _ = session.communicate(timeout=60)
+    finally:
+        if session.poll() is None:
+            session.kill()
+            session.wait()
+    assert session.returncode == pytest.ExitCode.INTERRUPTED, output
+    assert HEADLINE in output and f"process {sleeper} " in output, output
+    assert not is_running(sleeper, started)
