@@ -2,6 +2,10 @@
 
 from hypothesis import settings
 
+# Fails the run when a test leaves a process, namespace, mount or BPF
+# program of its own behind (tests/hygiene.py).
+pytest_plugins = ("tests.hygiene",)
+
 # Timing belongs in bench/, not in tests: a loaded CI machine must not turn
 # a slow example into a failure.
 settings.register_profile("tcpstate", deadline=None)

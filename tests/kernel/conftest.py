@@ -7,10 +7,10 @@ must prove the kernel parts, not skip them.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
+from . import staging
 from .exporter import Exporter
 from .netlab import Lab, remove_stale_namespaces
 
@@ -49,19 +49,12 @@ def kernel_available() -> None:
     remove_stale_namespaces()
 
 
-CHECKOUT = Path(__file__).resolve().parents[2]
-
-
-def require_checkout_outside_tmp_and_readable() -> None:
-    """For tests that run tcpstate from this checkout as another user, or
-    in a stand-in for a pod or a unit that gets an empty /tmp."""
-    if CHECKOUT.is_relative_to("/tmp"):
-        _cannot_run(f"the checkout {CHECKOUT} is under /tmp, which the pod and unit "
-                    "stand-ins replace by an empty one: clone it elsewhere")
-    for directory in (CHECKOUT, *CHECKOUT.parents):
-        if not directory.stat().st_mode & 0o001:
-            _cannot_run(f"the checkout {CHECKOUT} cannot be reached by other users "
-                        f"({directory} has no o+x): clone it where they can")
+@pytest.fixture(scope="session")
+def staged():
+    """tcpstate copied where another user, the pod stand-in and systemd's
+    sandbox can run it, whatever the checkout's place (staging.py)."""
+    with staging.staged() as copy:
+        yield copy
 
 
 @pytest.fixture(scope="session")

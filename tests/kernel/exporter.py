@@ -84,8 +84,9 @@ class Exporter:
         self._connection: http.client.HTTPConnection | None = None
 
     def start(self, timeout: float = 60.0) -> "Exporter":
+        # its own process group: stop() ends whatever the command started too
         self.process = subprocess.Popen(self.command, env=self.env, stdout=subprocess.DEVNULL,
-                                        stderr=self._log, text=True)
+                                        stderr=self._log, text=True, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -127,17 +128,27 @@ class Exporter:
         raise AssertionError("unreachable")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        """Signal the process, wait (SIGKILL after `timeout`), then kill
+        what is left of its process group (a wrapper's children)."""
         if self._connection is not None:
             self._connection.close()
             self._connection = None
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else 0
-        self.process.send_signal(sig)
+        if self.process is None:
+            return 0
         try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
+            if self.process.poll() is None:
+                self.process.send_signal(sig)
+                try:
+                    self.process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait()
+        finally:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # nothing left
+        return self.process.returncode
 
     def __enter__(self) -> "Exporter":
         return self.start()

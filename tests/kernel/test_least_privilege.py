@@ -15,10 +15,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -26,7 +26,6 @@ from tracer.metrics import SCRAPE_SUCCESS
 from tracer.prereq import DEFAULT_TRACEFS
 
 from ..unit.deploy_files import (
-    ENTRYPOINT,
     RUN_AS_DROP_IN,
     UNIT,
     capabilities,
@@ -35,8 +34,7 @@ from ..unit.deploy_files import (
     unit_entries,
     unit_values,
 )
-from .conftest import require_checkout_outside_tmp_and_readable
-from .exporter import TCPSTATE, Exporter
+from .exporter import Exporter
 
 UNIT_CAPABILITIES = capabilities(unit_entries(UNIT))
 RUN_AS_CAPABILITIES = capabilities(unit_entries(UNIT, RUN_AS_DROP_IN))
@@ -197,6 +195,28 @@ def _syscall_names(filter_value: str, systemd_analyze: str) -> set[str]:
     return names
 
 
+class TracedExporter(Exporter):
+    """serve under `strace -f -o FILE`. That strace blocks SIGTERM, and the
+    SIGKILL that followed detached serve and left it running with its
+    program attached: the signal goes to serve, strace ends with it, and
+    Exporter.stop() kills whatever is left of the group in any case."""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.process is not None and self.process.poll() is None:
+            try:
+                with open(f"/proc/{self.process.pid}/task/{self.process.pid}/children") as file:
+                    traced = [int(pid) for pid in file.read().split()]
+            except OSError:
+                traced = []
+            for pid in traced:
+                os.kill(pid, sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass  # Exporter.stop() kills it
+        return super().stop(sig, timeout)
+
+
 def test_every_system_call_is_in_the_unit_filter(tmp_path):
     """What serve and the run-as drop start, load, scrape and stop with."""
     strace = _debian_tool("strace", "strace")
@@ -209,12 +229,14 @@ def test_every_system_call_is_in_the_unit_filter(tmp_path):
     for args, caps in (((), UNIT_CAPABILITIES),
                        ((f"--run-as={NOBODY}",), RUN_AS_CAPABILITIES)):
         trace = tmp_path / "strace.out"
-        exporter = Exporter(*args)
+        exporter = TracedExporter(*args)
         exporter.command = as_root_with(caps, strace, "-f", "-qq", "-o", str(trace),
                                         *exporter.command)
         with exporter:
             exporter.scrape()
             exporter.scrape()
+        # strace exits as its tracee did: serve stopped on SIGTERM, traced to the end
+        assert exporter.process.returncode == 0, exporter.log()
         text = trace.read_text()
         used |= set(re.findall(r"^\d+ +([a-z0-9_]+)\(", text, re.MULTILINE))
         # RestrictNamespaces=net lets setns() through only for CLONE_NEWNET.
@@ -225,12 +247,12 @@ def test_every_system_call_is_in_the_unit_filter(tmp_path):
     assert used - allowed_names == set()
 
 
-def test_entrypoint_serves_in_a_stand_in_for_the_daemonset_pod():
+def test_entrypoint_serves_in_a_stand_in_for_the_daemonset_pod(staged):
     """The pod has a read-only root, empty /lib/modules and /tmp, the host's
     tracefs read-only, no host /run/netns, and the listed capabilities. A
     private mount namespace stands in for it (bind remounts: read-only for
-    this process only)."""
-    require_checkout_outside_tmp_and_readable()
+    this process only). It runs the staged copy: the checkout may be under
+    the /tmp the pod replaces."""
     container = daemonset_container()
     assert daemonset_capabilities() == UNIT_CAPABILITIES
     pod = "; ".join([
@@ -245,8 +267,8 @@ def test_entrypoint_serves_in_a_stand_in_for_the_daemonset_pod():
     ])
     command = ["unshare", "--mount", "--propagation=private", "sh", "-c", pod, "pod",
                *as_root_with(daemonset_capabilities(), "env",
-                             f"PATH={Path(TCPSTATE).parent}:/usr/bin:/bin",
-                             str(ENTRYPOINT), *container["args"], "--dry-run")]
+                             f"PATH={staged.tcpstate.parent}:/usr/bin:/bin",
+                             str(staged.entrypoint), *container["args"], "--dry-run")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr
     assert "using the image's headers linux-headers-" in result.stderr

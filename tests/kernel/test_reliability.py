@@ -28,7 +28,6 @@ from tracer.errors import (EXIT_BPF, EXIT_HEADERS, EXIT_LISTEN, EXIT_PRIVILEGES,
                            EXIT_KERNEL_VERSION, EXIT_TRACEPOINT)
 from tracer.http_server import MAX_CONNECTIONS
 
-from .conftest import require_checkout_outside_tmp_and_readable
 from .exporter import TCPSTATE, Exporter, Scrape, prog_ids_of
 from .netlab import Lab, wait_for
 from .test_serve import delta, gauge, transitions_of
@@ -368,11 +367,12 @@ CLASSIC_ONLY = ("no tracefs for the classic tracepoint", "no classic tracepoint"
 @pytest.mark.parametrize("case, env, wrapper, code, message", PREREQUISITES,
                          ids=[case[0].replace(" ", "-") for case in PREREQUISITES])
 def test_missing_prerequisite_has_its_own_message_and_exit_code(case, env, wrapper, code,
-                                                                message):
-    if wrapper:
-        require_checkout_outside_tmp_and_readable()
+                                                                message, request):
+    # as another user, or without the capabilities that read any file: the
+    # staged copy, which they can read wherever the checkout is
+    tcpstate = request.getfixturevalue("staged").tcpstate if wrapper else TCPSTATE
     attach = ["--attach", "tracepoint"] if case in CLASSIC_ONLY else []
-    result = subprocess.run([*wrapper, TCPSTATE, "serve", "--web.listen-address", "127.0.0.1:0",
+    result = subprocess.run([*wrapper, tcpstate, "serve", "--web.listen-address", "127.0.0.1:0",
                              *attach], env={**os.environ, **env}, capture_output=True,
                             text=True, timeout=120, cwd="/")
     assert result.returncode == code, result.stderr

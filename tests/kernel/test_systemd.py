@@ -4,7 +4,8 @@ A container (systemd-nspawn) boots the host's own Debian through a
 throw-away overlay into a target that wants only tcpstate.service; the unit
 file, the run-as drop-in and the sysusers file go into the overlay where
 the README installs them, tcpstate's path /opt/tcpstate/bin/tcpstate is a
-link to this checkout's. The container shares the host's network, so the
+link to the session's staged copy (staging.py: this checkout may be where
+the unit's ProtectHome= or PrivateTmp= hides it). The container shares the host's network, so the
 test scrapes the service and inspects its process from outside: systemd
 applied the unit's capabilities, no_new_privs, system call filter and
 read-only file system, and tcpstate loaded, served and stopped on SIGTERM.
@@ -26,8 +27,8 @@ from tracer.metrics import SCRAPE_SUCCESS
 from tracer.prereq import CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN
 
 from ..unit.deploy_files import RUN_AS_DROP_IN, SYSTEMD_DIR, UNIT
-from .conftest import require_checkout_outside_tmp_and_readable
-from .exporter import TCPSTATE, Scrape, free_port, prog_ids_of
+from ..hygiene import STAND_IN_PREFIX
+from .exporter import Scrape, free_port, prog_ids_of
 from .test_least_privilege import _debian_tool
 
 CAP_SYS_PTRACE = 19
@@ -55,7 +56,7 @@ def _boot_script(root: Path) -> str:
     ])
 
 
-def _install(install: Path, port: int, run_as: bool) -> None:
+def _install(install: Path, port: int, run_as: bool, tcpstate: Path) -> None:
     """The files, where the README's install steps put them."""
     system = install / "etc" / "systemd" / "system"
     (system / "tcpstate.service.d").mkdir(parents=True)
@@ -75,7 +76,7 @@ def _install(install: Path, port: int, run_as: bool) -> None:
     (install / "etc" / "default" / "tcpstate").write_text(
         f'TCPSTATE_ARGS="--web.listen-address=127.0.0.1:{port}"\n')
     (install / "opt" / "tcpstate" / "bin").mkdir(parents=True)
-    (install / "opt" / "tcpstate" / "bin" / "tcpstate").symlink_to(TCPSTATE)
+    (install / "opt" / "tcpstate" / "bin" / "tcpstate").symlink_to(tcpstate)
 
 
 def _scrape(port: int) -> Scrape:
@@ -112,11 +113,11 @@ def _mount_options(pid: int) -> dict[str, str]:
 class Container:
     """A booted container whose tcpstate.service serves on `port`."""
 
-    def __init__(self, root: Path, run_as: bool):
+    def __init__(self, root: Path, run_as: bool, tcpstate: Path):
         for name in ("rw", "merged", "install"):
             (root / name).mkdir(parents=True)
         self.root, self.port, self.console = root, free_port(), root / "console.log"
-        _install(root / "install", self.port, run_as)
+        _install(root / "install", self.port, run_as, tcpstate)
         with open(self.console, "w") as log:
             self.process = subprocess.Popen(
                 ["unshare", "--mount", "--propagation=private", "sh", "-c", _boot_script(root)],
@@ -150,13 +151,13 @@ class Container:
 
 
 @pytest.fixture
-def boot(tmp_path):
-    require_checkout_outside_tmp_and_readable()
+def boot(tmp_path, staged):
     _debian_tool("systemd-nspawn", "systemd-container")
     containers: list[Container] = []
 
     def booted(run_as: bool) -> Container:
-        containers.append(Container(tmp_path / f"tcpstate-test-{os.getpid()}", run_as))
+        containers.append(Container(tmp_path / f"{STAND_IN_PREFIX}{os.getpid()}", run_as,
+                                    staged.tcpstate))
         return containers[-1]
 
     yield booted
