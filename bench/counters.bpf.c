@@ -19,6 +19,13 @@ static __always_inline void count(u32 cpu, int which)
 }
 
 /* Declared by tcpstate.h for the socket table, which this program has not. */
+#ifdef RAW_TRACEPOINT
+/* No learning of TCP's struct proto here: sk_protocol is read every time,
+ * a floor for what serve's program saves by learning it. */
+static __always_inline bool tcp_proto_known(u64 proto) { return false; }
+static __always_inline void tcp_proto_learn(u64 proto) {}
+#endif
+
 static __always_inline void table_evicted(u32 cpu, const struct sock_entry *gone)
 {
 }

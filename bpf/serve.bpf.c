@@ -33,6 +33,44 @@ static __always_inline void count(u32 cpu, int which)
         CELL_ADD(value, 1);
 }
 
+#ifdef RAW_TRACEPOINT
+#define TCP_PROTOS 4
+/* struct proto addresses seen on TCP sockets: the few TCP has (v4, v6, and
+ * MPTCP's subflow variants), learned as the program meets them. */
+struct tcp_protos {
+    u64 proto[TCP_PROTOS];
+};
+BPF_ARRAY(tcp_protos, struct tcp_protos, 1);
+
+static __always_inline bool tcp_proto_known(u64 proto)
+{
+    u32 zero = 0;
+    struct tcp_protos *known = tcp_protos.lookup(&zero);
+    if (!known || !proto)
+        return false;
+#pragma unroll
+    for (int i = 0; i < TCP_PROTOS; i++) {
+        if (known->proto[i] == proto)
+            return true;
+    }
+    return false;
+}
+
+static __always_inline void tcp_proto_learn(u64 proto)
+{
+    u32 zero = 0;
+    struct tcp_protos *known = tcp_protos.lookup(&zero);
+    if (!known)
+        return;
+#pragma unroll
+    for (int i = 0; i < TCP_PROTOS; i++) {
+        if (known->proto[i] == 0 &&
+            __sync_val_compare_and_swap(&known->proto[i], 0, proto) == 0)
+            return;
+    }
+}
+#endif
+
 static __always_inline u32 service_slot(u16 port)
 {
 #if NPORT_SLOTS > 1

@@ -124,7 +124,7 @@ static __always_inline void finish_change(struct state_change *c)
 #ifdef RAW_TRACEPOINT
 #if !defined(SK_HEAD) || !defined(SK_HEAD_LEN) || !defined(SK_FAMILY) || \
     !defined(SK_PROTOCOL) || !defined(SK_PROTOCOL_SIZE) || !defined(SK_DPORT) || \
-    !defined(SK_NUM) || !defined(SK_SPORT) || !defined(SK_V6_DADDR) || \
+    !defined(SK_NUM) || !defined(SK_PROT) || !defined(SK_SPORT) || !defined(SK_V6_DADDR) || \
     !defined(SK_V6_SADDR) || !defined(SK_DADDR) || !defined(SK_SADDR)
 #error "the raw tracepoint needs the SK_* offsets of tracer/program.py (from BTF)"
 #endif
@@ -134,10 +134,17 @@ static __always_inline void finish_change(struct state_change *c)
 /* A member of struct sock_common, from the copy of its span (SK_HEAD). */
 #define HEAD_AT(c, member) ((c)->head + (member) - SK_HEAD)
 
+/* Each program says whether a socket's struct proto (skc_prot) is one it
+ * has seen TCP sockets use, and learns one: a socket whose proto is known
+ * to be TCP's needs no read of sk_protocol. */
+static __always_inline bool tcp_proto_known(u64 proto);
+static __always_inline void tcp_proto_learn(u64 proto);
+
 /* Reads what the tracepoint's own record would carry, from `sk` at BTF
  * offsets, with as few copies as it can: every helper call costs about as
- * much as the rest of the handler. sock_common's addresses, ports and
- * family in one copy; the protocol in another. The local port is skc_num,
+ * much as the rest of the handler. sock_common's addresses, ports, family
+ * and proto in one copy; sk_protocol only for a proto not yet known to be
+ * TCP's (tcp_prot, tcpv6_prot, MPTCP subflows' own). The local port is skc_num,
  * or, once the kernel has released the port just before the transition to
  * CLOSE (skc_num is then 0), inet_sport, which stays until the socket is
  * freed. Returns 1 for another protocol, -1 for another family, 0 for a
@@ -147,11 +154,16 @@ static __always_inline int read_change(struct bpf_raw_tracepoint_args *ctx,
 {
     const void *sk = (const void *)ctx->args[0];
     u16 protocol = 0, family, num, dport;
-    SK_READ(&protocol, sk, SK_PROTOCOL, SK_PROTOCOL_SIZE);
-    if (protocol != IPPROTO_TCP)
-        return 1;
+    u64 proto;
     if (SK_READ(c->head, sk, SK_HEAD, SK_HEAD_LEN))
         return -1;
+    __builtin_memcpy(&proto, HEAD_AT(c, SK_PROT), sizeof(proto));
+    if (!tcp_proto_known(proto)) {
+        SK_READ(&protocol, sk, SK_PROTOCOL, SK_PROTOCOL_SIZE);
+        if (protocol != IPPROTO_TCP)
+            return 1;
+        tcp_proto_learn(proto);
+    }
     __builtin_memcpy(&family, HEAD_AT(c, SK_FAMILY), sizeof(family));
     if (family == AF_INET)
         c->fam = 0;
@@ -199,6 +211,9 @@ static __always_inline void read_addresses(struct bpf_raw_tracepoint_args *ctx,
  * probe attaches it once the maps are written. */
 #define STATE_CHANGE_HANDLER(name) \
     int name(struct tracepoint__sock__inet_sock_set_state *ctx)
+
+static __always_inline bool tcp_proto_known(u64 proto) { return false; }
+static __always_inline void tcp_proto_learn(u64 proto) {}
 
 /* A macro: the record's struct exists only from the handler on. Every field
  * is read once, here: clang must not keep pointers into the context, which

@@ -66,6 +66,13 @@ BPF_HASH(trace_pids, u32, u8, 1024);
 BPF_ARRAY(trace_transitions, u32, NSTATES);   /* bit new of row old */
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 
+#ifdef RAW_TRACEPOINT
+/* A trace reads sk_protocol every time: it is ad hoc, and keeps no map for
+ * what serve learns. */
+static __always_inline bool tcp_proto_known(u64 proto) { return false; }
+static __always_inline void tcp_proto_learn(u64 proto) {}
+#endif
+
 /* A trace keeps no counts: a pushed-out entry just goes. */
 static __always_inline void table_evicted(u32 cpu, const struct sock_entry *gone)
 {

@@ -57,6 +57,7 @@ SOCKET_MEMBERS = {
     "SK_FAMILY": ("sock", "__sk_common.skc_family"),
     "SK_DPORT": ("sock", "__sk_common.skc_dport"),
     "SK_NUM": ("sock", "__sk_common.skc_num"),
+    "SK_PROT": ("sock", "__sk_common.skc_prot"),
     "SK_DADDR": ("sock", "__sk_common.skc_daddr"),
     "SK_SADDR": ("sock", "__sk_common.skc_rcv_saddr"),
     "SK_V6_DADDR": ("sock", "__sk_common.skc_v6_daddr"),
@@ -68,8 +69,8 @@ SOCKET_MEMBERS = {
 # from the first to the end of the last (88 bytes on 6.18), SK_HEAD and
 # SK_HEAD_LEN. A copy costs about as much whatever its length up to there;
 # each one more is a helper call on every event.
-HEAD_MEMBERS = ("SK_FAMILY", "SK_DPORT", "SK_NUM", "SK_DADDR", "SK_SADDR", "SK_V6_DADDR",
-                "SK_V6_SADDR")
+HEAD_MEMBERS = ("SK_FAMILY", "SK_DPORT", "SK_NUM", "SK_PROT", "SK_DADDR", "SK_SADDR",
+                "SK_V6_DADDR", "SK_V6_SADDR")
 MAX_HEAD_LEN = 256
 # Read by trace only: whether the current task is a kernel thread.
 TASK_MEMBERS = {"TASK_FLAGS": ("task_struct", "flags")}
