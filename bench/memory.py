@@ -28,10 +28,17 @@ from . import measure
 from .configs import START_TIMEOUT_S, TCPSTATE, NodeExporter, Scraper, stop_process
 from .lab import Lab
 
-# The code before the lean daemon: bcc compiled and stayed in the server.
-BEFORE_COMMIT = "c9fe161"
+# The code before the lean daemon, bcc compiled and stayed in the server:
+# c9fe161, the classic tracepoint only (the "today"); f2f42da, the
+# raw tracepoint just before the lean daemon (516d950^): beside it, the
+# start-up the loader process adds and nothing else.
+BEFORE_COMMITS = ("c9fe161", "f2f42da")
 REPO = Path(__file__).resolve().parent.parent
-NEW, BEFORE = "lean (this checkout)", f"before ({BEFORE_COMMIT})"
+NEW = "lean (this checkout)"
+
+
+def before_label(commit: str) -> str:
+    return f"before ({commit})"
 POLL_SECONDS = 0.01
 RSS_SAMPLE_EVERY = 100
 LOADER_PEAK = re.compile(r"loader peak (\d+) MiB")
@@ -190,18 +197,22 @@ def memory_and_start(lab: Lab, settings) -> dict:
     codes: dict[str, dict] = {NEW: {"command": [TCPSTATE, "serve"]}}
     runs: dict[str, list[dict]] = {NEW: []}
     loops: dict[str, dict] = {}
-    before_error = None
+    before_errors = []
     background = lab.churn_in_background(rate=BACKGROUND_RATE)
     load_before = measure.load_average()
     try:
         with contextlib.ExitStack() as stack:
-            try:
-                before = stack.enter_context(archived(settings.memory_before))
-                codes[BEFORE] = {"command": [sys.executable, "-m", "tracer.cli", "serve"],
-                                 "cwd": before, "env": {**os.environ, "PYTHONPATH": str(before)}}
-                runs[BEFORE] = []
-            except (subprocess.CalledProcessError, OSError) as exc:
-                before_error = f"git archive {settings.memory_before} failed: {exc}"
+            for commit in settings.memory_before:
+                try:
+                    before = stack.enter_context(archived(commit))
+                except (subprocess.CalledProcessError, OSError) as exc:
+                    before_errors.append(f"git archive {commit} failed: {exc}")
+                    continue
+                # `python -m` puts its working directory first on sys.path
+                codes[before_label(commit)] = {
+                    "command": [sys.executable, "-m", "tracer.cli", "serve"],
+                    "cwd": before, "env": {**os.environ, "PYTHONPATH": str(before)}}
+                runs[before_label(commit)] = []
             node = stack.enter_context(NodeExporter(None, collectors=None))
             node_started = status_kib(node.pid)
             for round_number in range(settings.memory_rounds):
@@ -226,17 +237,17 @@ def memory_and_start(lab: Lab, settings) -> dict:
     new = summary[NEW]
     new["map_bytes_formula"] = map_bytes(os.cpu_count(), 1, new["table_capacity"])
     ratios = {}
-    if BEFORE in summary:  # side by side: each round's starts, then the median
+    for label in list(summary)[1:]:  # side by side: each round's starts, then the median
         start_ratios = [n["start_seconds"] / b["start_seconds"]
-                        for n, b in zip(runs[NEW], runs[BEFORE])]
-        ratios = {"start_per_round": start_ratios,
-                  "start": measure.median(start_ratios),
-                  "rss_start": new["median_rss_start_kib"]
-                  / summary[BEFORE]["median_rss_start_kib"],
-                  "rss_after": new["rss_after_kib"] / summary[BEFORE]["rss_after_kib"]}
+                        for n, b in zip(runs[NEW], runs[label])]
+        ratios[label] = {"start_per_round": start_ratios,
+                         "start": measure.median(start_ratios),
+                         "rss_start": new["median_rss_start_kib"]
+                         / summary[label]["median_rss_start_kib"],
+                         "rss_after": new["rss_after_kib"] / summary[label]["rss_after_kib"]}
     return {"runs": runs, "summary": summary, "ratios": ratios,
             "scrapes": settings.memory_scrapes,
             "node_exporter_rss_start_kib": node_started.get("VmRSS", 0),
-            "before_commit": settings.memory_before, "before_error": before_error,
+            "before_commits": list(settings.memory_before), "before_errors": before_errors,
             "cpus": os.cpu_count(), "background_rate": BACKGROUND_RATE,
             "load_average": [load_before, measure.load_average()]}

@@ -373,15 +373,16 @@ def _mib(kib: float | None) -> str:
 
 
 def _memory_and_start(data: dict, figures: dict, out: Path, failures: list[str]) -> list[str]:
-    from .memory import BEFORE, NEW, RSS_SAMPLE_EVERY
+    from .memory import NEW, RSS_SAMPLE_EVERY
 
     summary, ratios, n = data["summary"], data["ratios"], data["scrapes"]
-    codes = [label for label in (NEW, BEFORE) if label in summary]
+    codes = list(summary)  # the lean daemon first, then the code before it
     node_after = [summary[label]["node_exporter_rss_after_kib"] for label in codes]
     lines = [f"### 11. Memory and start, side by side with node_exporter (issue 14)", "",
              f"`tcpstate serve` with default flags ({data['cpus']} CPUs), this checkout's "
-             f"lean daemon and the code before it (`git archive {data['before_commit']} tracer "
-             "bpf`, run with `python -m tracer.cli serve` from there), started in turns "
+             "lean daemon and the code before it (`git archive COMMIT tracer bpf`, run with "
+             "`python -m tracer.cli serve` from there: "
+             f"{', '.join(data['before_commits'])}), started in turns "
              f"(the order alternating each round), with a churn of {data['background_rate']} "
              "connections/s in the lab; node_exporter (default collectors, host namespace, "
              "loopback) runs throughout. Start: from starting the process to the first "
@@ -389,8 +390,8 @@ def _memory_and_start(data: dict, figures: dict, out: Path, failures: list[str])
              f"first start, {n:,} kept-alive scrapes of it and {n:,} of node_exporter, "
              f"alternately, resident memory sampled every {RSS_SAMPLE_EVERY}. Load average "
              f"during the figure: {data['load_average'][0]} / {data['load_average'][1]}.", ""]
-    if data.get("before_error"):
-        lines += [f"Before: not run ({data['before_error']}).", ""]
+    for error in data.get("before_errors", ()):
+        lines += [f"Not run: {error}.", ""]
     header = "| | " + " | ".join(codes) + " | node_exporter |"
     lines += [header, "|---|" + "---:|" * (len(codes) + 1)]
 
@@ -435,19 +436,19 @@ def _memory_and_start(data: dict, figures: dict, out: Path, failures: list[str])
               f"node_exporter's in the same loop: {to_node:.2f}x "
               f"({_mib(new['rss_after_kib'])} vs {_mib(node_after[0])}), "
               f"{_met(to_node <= TARGET_RSS_TO_NODE_EXPORTER)}"
-              + (f" (before: {summary[BEFORE]['rss_after_kib'] / max(node_after[1], 1):.2f}x)."
-                 if BEFORE in summary else ".")]
+              + "".join(f"; {c}: {summary[c]['rss_after_kib'] / max(node, 1):.2f}x"
+                        for c, node in zip(codes[1:], node_after[1:])) + "."]
     lines.append(f"Target: flat over the scrapes (RSS after {n:,} within "
                  f"{100 * TARGET_FLAT_GROWTH:.0f}% of after {settled['scrapes']}): "
                  f"{100 * growth:+.1f}% ({_mib(settled['serve_kib'])} -> "
                  f"{_mib(new['rss_after_kib'])}), {_met(growth <= TARGET_FLAT_GROWTH)}.")
-    if ratios:
-        lines.append(f"Target: start to first scrape, lean / before <= {TARGET_START_RATIO}: "
-                     f"{ratios['start']:.2f} (median of the rounds' ratios: "
-                     f"{', '.join(f'{r:.2f}' for r in ratios['start_per_round'])}), "
-                     f"{_met(ratios['start'] <= TARGET_START_RATIO)}.")
-        lines.append(f"RSS lean / before: {ratios['rss_start']:.2f} at the first scrape, "
-                     f"{ratios['rss_after']:.2f} after {n:,} scrapes.")
+    for label, ratio in ratios.items():
+        lines.append(f"Target: start to first scrape, lean / {label} <= {TARGET_START_RATIO}: "
+                     f"{ratio['start']:.2f} (median of the rounds' ratios: "
+                     f"{', '.join(f'{r:.2f}' for r in ratio['start_per_round'])}), "
+                     f"{_met(ratio['start'] <= TARGET_START_RATIO)}; RSS lean / {label}: "
+                     f"{ratio['rss_start']:.2f} at the first scrape, {ratio['rss_after']:.2f} "
+                     f"after {n:,} scrapes.")
     loaded = {c: data["runs"][c][0]["loaded"] for c in codes}
     lines += ["", "Their log lines (first start): "
               + "; ".join(f"{c}: `{line}`" for c, line in loaded.items()) + "."]
