@@ -56,6 +56,14 @@ def status_kib(pid: int) -> dict[str, int]:
         return {}
 
 
+def cpu_with_children_seconds(pid: int) -> float:
+    """user + system CPU of a process and of its children it has waited
+    for (the loader): less moved by other processes' load than wall time."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return sum(int(field) for field in fields[11:15]) / measure.TICKS
+
+
 def children_of(pid: int) -> list[int]:
     found = []
     try:
@@ -134,6 +142,7 @@ class StartedServe:
             self.start_seconds = time.monotonic() - started
             self.first_scrape = scrape
             self.started_kib = status_kib(self.pid)
+            self.start_cpu_seconds = cpu_with_children_seconds(self.pid)
             deadline = time.monotonic() + 5  # the log line may follow the first scrape
             while not LOADED.search(self.text()) and time.monotonic() < deadline:
                 time.sleep(POLL_SECONDS)
@@ -146,6 +155,7 @@ class StartedServe:
         loaded = LOADED.search(self.text())
         self.result = {
             "start_seconds": self.start_seconds,
+            "start_cpu_seconds": self.start_cpu_seconds,
             "rss_start_kib": self.started_kib.get("VmRSS", 0),
             "hwm_start_kib": self.started_kib.get("VmHWM", 0),
             "loader_peak_logged_mib": int(logged.group(1)) if logged else None,
@@ -230,6 +240,7 @@ def memory_and_start(lab: Lab, settings) -> dict:
     for label, rows in runs.items():
         summary[label] = {
             "median_start_seconds": measure.median([r["start_seconds"] for r in rows]),
+            "median_start_cpu_seconds": measure.median([r["start_cpu_seconds"] for r in rows]),
             "median_rss_start_kib": measure.median([r["rss_start_kib"] for r in rows]),
             "loader_peak_logged_mib": [r["loader_peak_logged_mib"] for r in rows],
             "loader_peak_polled_kib": [r["loader_peak_polled_kib"] for r in rows],
@@ -242,6 +253,8 @@ def memory_and_start(lab: Lab, settings) -> dict:
                         for n, b in zip(runs[NEW], runs[label])]
         ratios[label] = {"start_per_round": start_ratios,
                          "start": measure.median(start_ratios),
+                         "start_cpu": new["median_start_cpu_seconds"]
+                         / summary[label]["median_start_cpu_seconds"],
                          "rss_start": new["median_rss_start_kib"]
                          / summary[label]["median_rss_start_kib"],
                          "rss_after": new["rss_after_kib"] / summary[label]["rss_after_kib"]}

@@ -401,6 +401,10 @@ def _memory_and_start(data: dict, figures: dict, out: Path, failures: list[str])
     row("start to first scrape with events (median; each start)",
         [f"{summary[c]['median_start_seconds']:.2f} s ("
          + ", ".join(f"{r['start_seconds']:.2f}" for r in data["runs"][c]) + ")" for c in codes])
+    row("CPU (user + system, with the loader's) to that first scrape (median; each start)",
+        [f"{summary[c]['median_start_cpu_seconds']:.2f} s ("
+         + ", ".join(f"{r['start_cpu_seconds']:.2f}" for r in data["runs"][c]) + ")"
+         for c in codes])
     row("RSS at that first scrape (median) / node_exporter after start",
         [_mib(summary[c]["median_rss_start_kib"]) for c in codes],
         _mib(data["node_exporter_rss_start_kib"]))
@@ -446,7 +450,8 @@ def _memory_and_start(data: dict, figures: dict, out: Path, failures: list[str])
         lines.append(f"Target: start to first scrape, lean / {label} <= {TARGET_START_RATIO}: "
                      f"{ratio['start']:.2f} (median of the rounds' ratios: "
                      f"{', '.join(f'{r:.2f}' for r in ratio['start_per_round'])}), "
-                     f"{_met(ratio['start'] <= TARGET_START_RATIO)}; RSS lean / {label}: "
+                     f"{_met(ratio['start'] <= TARGET_START_RATIO)}; CPU to start "
+                     f"{ratio['start_cpu']:.2f}; RSS lean / {label}: "
                      f"{ratio['rss_start']:.2f} at the first scrape, {ratio['rss_after']:.2f} "
                      f"after {n:,} scrapes.")
     loaded = {c: data["runs"][c][0]["loaded"] for c in codes}
