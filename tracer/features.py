@@ -104,7 +104,9 @@ COMPARE_AND_SWAP = (mov64_imm(R1, 0) + store64(R10, -8, R1) + mov64_imm(R0, 0)
                     + mov64_imm(R1, 1) + cmpxchg64(R10, -8, R1) + RETURN_ZERO)
 
 
-class _Refused(Exception):
+class BpfRefused(Exception):
+    """The kernel refused a probe's call (`call`, e.g. BPF_PROG_LOAD) with `errno`."""
+
     def __init__(self, call: str, err: int):
         super().__init__(call, err)
         self.call, self.errno = call, err
@@ -114,13 +116,13 @@ _libc = None
 
 
 def _bpf(command: int, attr: bytes, call: str) -> int:
-    """bpf(command, attr): a descriptor, or _Refused with the errno."""
+    """bpf(command, attr): a descriptor, or BpfRefused with the errno."""
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
     number = _BPF_SYSCALL.get(platform.machine())
     if number is None:
-        raise _Refused(call, errno.ENOSYS)
+        raise BpfRefused(call, errno.ENOSYS)
     buffer = ctypes.create_string_buffer(attr.ljust(_ATTR_SIZE, b"\0"), _ATTR_SIZE)
     for attempt in range(2):
         result = _libc.syscall(ctypes.c_long(number), ctypes.c_int(command), buffer,
@@ -131,7 +133,7 @@ def _bpf(command: int, attr: bytes, call: str) -> int:
         # Before 5.11 BPF memory counts against RLIMIT_MEMLOCK (64 KiB by
         # default); bcc lifts it too.
         if err != errno.EPERM or attempt or not _lift_memlock():
-            raise _Refused(call, err)
+            raise BpfRefused(call, err)
     raise AssertionError("unreachable")
 
 
@@ -170,7 +172,7 @@ def _probe_mmapable() -> None:
             view = mmap.mmap(fd, mmap.PAGESIZE, mmap.MAP_SHARED,
                              mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as exc:
-            raise _Refused("mmap", exc.errno) from None
+            raise BpfRefused("mmap", exc.errno) from None
         view.close()
     finally:
         os.close(fd)
@@ -239,7 +241,7 @@ def forced_missing(environ=os.environ) -> frozenset[str]:
     return names
 
 
-def _describe(refused: _Refused) -> str:
+def _describe(refused: BpfRefused) -> str:
     name = errno.errorcode.get(refused.errno, str(refused.errno))
     return f"{refused.call}: {name} ({os.strerror(refused.errno)})"
 
@@ -253,7 +255,7 @@ def probe(name: str) -> tuple[Probe, Btf | None]:
         else:
             _PROBES[name]()
         ok, why_not = True, ""
-    except _Refused as refused:
+    except BpfRefused as refused:
         ok, why_not = False, _describe(refused)
     except BtfError as exc:
         ok, why_not = False, str(exc)
