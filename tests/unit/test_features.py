@@ -10,7 +10,8 @@ import pytest
 
 from tracer import features as f
 from tracer.btf import Btf
-from tracer.errors import EXIT_BPF, EXIT_KERNEL_VERSION, PrerequisiteError, TcpstateError, UsageError
+from tracer.errors import (EXIT_BPF, EXIT_KERNEL_VERSION, PrerequisiteError, TcpstateError,
+                           UsageError)
 from tracer.program import AUTO, RAW_TRACEPOINT, TRACEPOINT, choose_attachment
 
 from .test_btf import socket_like
@@ -117,4 +118,5 @@ def test_the_probes_btf_is_the_one_used():
     lacking = Btf.from_bytes(socket_like().encode())
     chosen = choose_attachment(AUTO, features=features(btf=lacking))
     assert chosen.kind == TRACEPOINT
-    assert chosen.reason == "BTF data: sock.__sk_common (struct sock_common) has no member 'skc_prot'"
+    assert chosen.reason == (
+        "BTF data: sock.__sk_common (struct sock_common) has no member 'skc_prot'")
