@@ -72,3 +72,11 @@ def test_without_the_raw_tracepoint_serve_takes_the_classic_one_with_one_warning
     assert "attached to the tracepoint sock:inet_sock_set_state" in result.stdout
     warnings = [line for line in result.stderr.splitlines() if "level=WARNING" in line]
     assert len(warnings) == 1 and "attaching to the classic tracepoint" in warnings[0]
+
+
+def test_without_the_raw_tracepoint_trace_takes_the_classic_one():
+    result = run("trace", "--duration", "1", missing="raw_tracepoint")
+    assert result.returncode == 0, result.stderr
+    assert "tracing the tracepoint sock:inet_sock_set_state" in result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "level=WARNING" in line]
+    assert len(warnings) == 1 and "attaching to the classic tracepoint" in warnings[0]
