@@ -244,16 +244,17 @@ static __always_inline void tcp_proto_learn(u64 proto) {}
     result;                                                                 \
 })
 
-#define read_addresses(ctx, c, saddr, daddr) do {                           \
+/* Not `saddr`, `daddr`: parameters of those names would rewrite (ctx)->saddr. */
+#define read_addresses(ctx, c, s_out, d_out) do {                           \
     if ((c)->sk_family == AF_INET) {                                        \
-        __builtin_memset((saddr), 0, 10);                                   \
-        __builtin_memset((daddr), 0, 10);                                   \
-        (saddr)[10] = (saddr)[11] = (daddr)[10] = (daddr)[11] = 0xff;       \
-        bpf_probe_read_kernel((saddr) + 12, 4, (ctx)->saddr);               \
-        bpf_probe_read_kernel((daddr) + 12, 4, (ctx)->daddr);               \
+        __builtin_memset((s_out), 0, 10);                                   \
+        __builtin_memset((d_out), 0, 10);                                   \
+        (s_out)[10] = (s_out)[11] = (d_out)[10] = (d_out)[11] = 0xff;       \
+        bpf_probe_read_kernel((s_out) + 12, 4, (ctx)->saddr);               \
+        bpf_probe_read_kernel((d_out) + 12, 4, (ctx)->daddr);               \
     } else {                                                                \
-        bpf_probe_read_kernel((saddr), 16, (ctx)->saddr_v6);                \
-        bpf_probe_read_kernel((daddr), 16, (ctx)->daddr_v6);                \
+        bpf_probe_read_kernel((s_out), 16, (ctx)->saddr_v6);                \
+        bpf_probe_read_kernel((d_out), 16, (ctx)->daddr_v6);                \
     }                                                                       \
 } while (0)
 #endif

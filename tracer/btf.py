@@ -73,7 +73,7 @@ _MAX_CHAIN = 64  # typedef/const/... hops: more means a malformed cycle
 class BtfError(TcpstateError):
     """No BTF, unreadable or malformed BTF, or a struct/member it lacks.
 
-    Exit 9 ("kernel older than the command needs"): a kernel without BTF is an
+    Exit 9 ("kernel lacks a feature the command needs"): a kernel without BTF is an
     old one or one built without CONFIG_DEBUG_INFO_BTF, and a missing member
     is a layout the raw path does not know. Callers on the `auto` path catch
     it and fall back to the classic tracepoint.

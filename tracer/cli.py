@@ -173,7 +173,7 @@ def _add_log_level(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .prereq import RUN_AS_NEEDS, SERVE_NEEDS, check_all
+    from .prereq import RUN_AS_NEEDS, SERVE_NEEDS, check_all, kernel_features
 
     logging.basicConfig(
         level=LOG_LEVELS[args.log_level], stream=sys.stderr,
@@ -183,13 +183,18 @@ def run(args: argparse.Namespace) -> int:
         from .handoff import Loading, loader_request
         from .program import choose_attachment
 
-        attachment = choose_attachment(args.attach)
-        check_all(SERVE_NEEDS, *([RUN_AS_NEEDS] if args.run_as else []),
-                  attach=attachment.kind)
+        features = kernel_features()
+        attachment = choose_attachment(args.attach, features=features)
+        check_all(*([RUN_AS_NEEDS] if args.run_as else []), needs=SERVE_NEEDS,
+                  features=features, attach=attachment.kind)
         # The loader compiles while this process imports the server's
         # modules (numpy, prometheus_client): on two cores, at once.
         loading = Loading(loader_request(args.service_ports, args.socket_table_size,
                                          attachment))
+        if args.dry_run:
+            print(f"tcpstate: {features.summary()}")
+        else:
+            logging.getLogger(__name__).info("%s", features.summary())
         from .serve import serve
 
         code = serve(

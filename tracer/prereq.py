@@ -4,7 +4,9 @@ Each failed check raises PrerequisiteError with its own exit code and a line
 that says how to fix it. The paths can be pointed elsewhere through
 environment variables, which is how the tests reach every failure:
 TCPSTATE_TRACEFS, TCPSTATE_TRACEPOINT (category:name), TCPSTATE_KERNEL_HEADERS,
-TCPSTATE_KERNEL_RELEASE (as `uname -r` prints it).
+TCPSTATE_KERNEL_RELEASE (as `uname -r` prints it). The BPF features the
+programs use are probed, not inferred from the version (tracer/features.py;
+TCPSTATE_MISSING_FEATURES makes some count as missing).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .errors import (
     EXIT_TRACEPOINT,
     PrerequisiteError,
 )
+from .features import CMPXCHG, MMAPABLE, RINGBUF, Features, probe_kernel
 
 TRACEPOINT = "sock:inet_sock_set_state"
 DEFAULT_TRACEFS = "/sys/kernel/tracing"
@@ -33,10 +36,12 @@ CAP_PERFMON = 38
 CAP_BPF = 39
 
 
-# The oldest kernel each part works on, and why: checked before compiling,
-# so an old kernel gets one line instead of a verifier or bpf(2) error.
-SERVE_NEEDS = ((5, 12), "its program uses BPF compare-and-swap (BPF_CMPXCHG)")
-TRACE_NEEDS = ((5, 12), "its program uses BPF compare-and-swap (BPF_CMPXCHG) and a ring buffer")
+# The BPF features each command's program uses, and what for: probed before
+# compiling, so a kernel without one gets one line (exit 9) instead of a
+# verifier or bpf(2) error.
+SERVE_NEEDS = {CMPXCHG: "serve counts with it", MMAPABLE: "serve reads its maps through it"}
+TRACE_NEEDS = {CMPXCHG: "trace counts with it", RINGBUF: "trace sends its events through it"}
+# No probe tells this one without dropping privileges: a version it stays.
 RUN_AS_NEEDS = ((6, 5), "--run-as needs map descriptors that work without CAP_BPF")
 
 
@@ -142,14 +147,26 @@ def check_headers(modules_dir: Path, allow_kheaders: bool = True) -> Path:
     )
 
 
-def check_all(*needs: tuple[tuple[int, int], str],
-              mount_tracefs: bool = True, attach: str = "tracepoint") -> Prerequisites:
-    """All checks, cheapest first; raises on the first failure. `needs`:
-    the kernel versions the command's features need (SERVE_NEEDS, ...).
-    `attach`: the path tracer/program.py chose; the raw tracepoint needs
-    no tracefs (exit 4) and no tracepoint format file (exit 6)."""
+def kernel_features() -> Features:
+    """The probes need the privileges to load BPF: without them every
+    feature would look missing."""
     check_privileges()
-    check_kernel(kernel_release(), *needs)
+    return probe_kernel()
+
+
+def check_all(*versions: tuple[tuple[int, int], str], needs: dict[str, str] | None = None,
+              features: Features | None = None,
+              mount_tracefs: bool = True, attach: str = "tracepoint") -> Prerequisites:
+    """All checks, cheapest first; raises on the first failure. `versions`:
+    the kernel versions a flag needs (RUN_AS_NEEDS); `needs`: the probed
+    features the command needs (SERVE_NEEDS, ...; probed here unless
+    `features` already has them). `attach`: the path tracer/program.py
+    chose; the raw tracepoint needs no tracefs (exit 4) and no tracepoint
+    format file (exit 6)."""
+    check_privileges()
+    if needs:
+        (features or probe_kernel()).require(needs)
+    check_kernel(kernel_release(), *versions)
     tracefs = Path(os.environ.get("TCPSTATE_TRACEFS", DEFAULT_TRACEFS))
     tracepoint = os.environ.get("TCPSTATE_TRACEPOINT", TRACEPOINT)
     if attach != "raw_tracepoint":

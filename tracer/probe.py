@@ -77,10 +77,7 @@ class LoadedProgram:
     def __init__(self, attach: str = AUTO, service_ports: Sequence[int] = (),
                  socket_table_size: int = DEFAULT_SOCKET_TABLE_SIZE,
                  extra_cflags: Sequence[str] = (), attachment: Attachment | None = None):
-        self.attachment = attachment or choose_attachment(attach)
-        if self.attachment.reason:
-            log.warning("attaching to the classic tracepoint, which map reads and other "
-                        "BPF programs can make skip events: %s", self.attachment.reason)
+        self.attachment = attachment or choose_attachment(attach)  # warns on a fallback
         self.service_ports = tuple(service_ports)
         self.port_slots = 1 + len(self.service_ports)
         self.table_capacity = table_rows(socket_table_size) * TABLE_WAYS

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .btf import Btf, BtfError
 from .errors import EXIT_BPF, TcpstateError, UsageError
+from .features import BTF as BTF_FEATURE, RAW_TRACEPOINT as RAW_TRACEPOINT_FEATURE, Features
 from .metrics import BUCKET_MIN_LOG2, MAX_SERVICE_PORTS, NBUCKETS
 from .prereq import kernel_release, parse_release
 from .states import NSTATES
@@ -123,21 +124,39 @@ def socket_offsets(btf: Btf) -> dict[str, int]:
     return offsets
 
 
-def choose_attachment(requested: str = AUTO, btf_path: str | None = None) -> Attachment:
-    """`auto` takes the raw tracepoint where BTF gives every offset, else
-    the classic tracepoint (with a reason to warn about); a forced raw
-    tracepoint without BTF is an error."""
+def choose_attachment(requested: str = AUTO, btf_path: str | None = None,
+                      features: Features | None = None) -> Attachment:
+    """`auto` takes the raw tracepoint where the kernel has it (`features`,
+    probed) and BTF gives every offset, else the classic tracepoint (with a
+    reason to warn about); a forced raw tracepoint without them is an error."""
     if requested not in ATTACH_CHOICES:
         raise UsageError(f"--attach {requested!r}: expected one of {', '.join(ATTACH_CHOICES)}")
     if requested == TRACEPOINT:
         return Attachment(TRACEPOINT, {}, "")
+    if features is not None and not features.has(RAW_TRACEPOINT_FEATURE):
+        why = f"no raw tracepoint ({features.probes[RAW_TRACEPOINT_FEATURE].why_not})"
+        if requested == RAW_TRACEPOINT:
+            features.require({RAW_TRACEPOINT_FEATURE: "--attach raw_tracepoint needs it"})
+        return _fallback(why)
     try:
-        btf = Btf.load(btf_path) if btf_path else Btf.load()
+        if btf_path or features is None:
+            btf = Btf.load(btf_path) if btf_path else Btf.load()
+        elif features.btf is None:
+            raise BtfError(features.probes[BTF_FEATURE].why_not)
+        else:
+            btf = features.btf  # loaded once, by the probe
         return Attachment(RAW_TRACEPOINT, socket_offsets(btf))
     except BtfError as exc:
         if requested == RAW_TRACEPOINT:
             raise TcpstateError(f"--attach raw_tracepoint: {exc}", EXIT_BPF) from None
-        return Attachment(TRACEPOINT, {}, str(exc))
+        return _fallback(str(exc))
+
+
+def _fallback(reason: str) -> Attachment:
+    """The classic tracepoint, with the one warning that says why."""
+    log.warning("attaching to the classic tracepoint, which map reads and other "
+                "BPF programs can make skip events: %s", reason)
+    return Attachment(TRACEPOINT, {}, reason)
 
 
 def possible_cpus(path: str = "/sys/devices/system/cpu/possible") -> int:

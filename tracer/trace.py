@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import UsageError
-from .prereq import TRACE_NEEDS, check_all
+from .prereq import TRACE_NEEDS, check_all, kernel_features
 from .program import choose_attachment
 from .probe import TraceFilter, TraceProbe
 from .ringbuf import RingBufferReader
@@ -252,8 +252,10 @@ class _Stop:
 
 def trace(args: argparse.Namespace) -> int:
     filters = Filters.from_args(args)  # a bad flag before any work
-    attachment = choose_attachment(args.attach)
-    check_all(TRACE_NEEDS, attach=attachment.kind)
+    features = kernel_features()
+    attachment = choose_attachment(args.attach, features=features)
+    check_all(needs=TRACE_NEEDS, features=features, attach=attachment.kind)
+    log.info("%s", features.summary())
     stop = _Stop()
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
