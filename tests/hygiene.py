@@ -191,6 +191,15 @@ class Hygiene:
         # loaded; without bpftool's list only the first can be told.
         candidates = (set(held_now) | set(self.seen_programs)) - self.programs_at_start
         candidates &= set(programs) if programs is not None else set(held_now)
+        # One whose holder has just exited is freed by the kernel a moment
+        # later (a perf event's release is deferred): not a leak yet.
+        deadline = time.monotonic() + 5
+        while candidates - set(held_now) and time.monotonic() < deadline:
+            time.sleep(0.1)
+            loaded = loaded_programs()
+            if loaded is None:
+                break
+            candidates = {prog for prog in candidates if prog in held_now or prog in loaded}
         leaked_programs = {
             prog: (f"held by process {held_now[prog]}" if prog in held_now
                    else f"held during {self.seen_programs[prog]}") for prog in candidates}
