@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                             f"body, else get 503 (default {DEFAULT_MAX_REQUESTS})")
     serve.add_argument("--run-as", dest="run_as", type=_run_as, default=None, metavar="USER",
                        help="once attached, become USER with no capabilities "
-                            "(the TIME-WAIT gauge is then not exported)")
+                            "(`ip netns` namespaces no process is in are then left out "
+                            "of the TIME-WAIT gauge)")
     _add_attach(serve)
     serve.add_argument("--dry-run", action="store_true",
                        help="check prerequisites, load, attach, read the maps once, and exit")
@@ -173,7 +174,7 @@ def _add_log_level(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .prereq import RUN_AS_NEEDS, SERVE_NEEDS, check_all
+    from .prereq import SERVE_NEEDS, check_all
 
     logging.basicConfig(
         level=LOG_LEVELS[args.log_level], stream=sys.stderr,
@@ -184,8 +185,7 @@ def run(args: argparse.Namespace) -> int:
         from .serve import serve
 
         attachment = choose_attachment(args.attach)
-        check_all(SERVE_NEEDS, *([RUN_AS_NEEDS] if args.run_as else []),
-                  attach=attachment.kind)
+        check_all(SERVE_NEEDS, attach=attachment.kind)
         code = serve(
             attachment=attachment,
             listen_address=args.listen_address,
