@@ -144,8 +144,9 @@ def status_of(pid: int | str) -> dict[str, str]:
 
 
 def test_run_as_drops_root_and_every_capability_and_keeps_counting(lab):
-    """After the drop, the maps are read through the descriptors opened as
-    root: on this kernel that needs no capability, and counts stay exact."""
+    """After the drop, the maps are read through memory mapped as root (no
+    bpf() call, no capability), and counts stay exact; the TIME-WAIT count
+    too, through /proc/PID/net."""
     port = 47321
     exporter = Exporter("--run-as", "nobody", service_ports=(port,)).start()
     try:
@@ -169,13 +170,14 @@ def test_run_as_drops_root_and_every_capability_and_keeps_counting(lab):
                         == expected)
         scrape = exporter.scrape()
         assert scrape.value(m.SCRAPE_SUCCESS, collector="bpf") == 1
-        # the trade-off: no CAP_SYS_ADMIN, no entering namespaces, no TIME-WAIT
-        # count, and no failing part for TcpstateCollectorFailing to fire on
-        assert [s["collector"] for s in scrape.series(m.SCRAPE_SUCCESS)] == ["bpf"]
-        assert not [s for s in scrape.series(m.SOCKETS) if s["state"] == "time_wait"]
+        # no CAP_SYS_ADMIN: the lab's namespaces, which no process is in,
+        # are left out of the TIME-WAIT count (one warning); the rest is in
+        assert scrape.value(m.SCRAPE_SUCCESS, collector="time_wait") == 1
+        assert [s for s in scrape.series(m.SOCKETS) if s["state"] == "time_wait"]
         assert exporter.stop(signal.SIGTERM) == 0
-        assert subprocess.run(["bpftool", "prog", "show", "id", str(prog_id)],
-                              capture_output=True).returncode != 0
+        # the kernel frees a detached program after a grace period
+        assert wait_for(lambda: subprocess.run(["bpftool", "prog", "show", "id", str(prog_id)],
+                                               capture_output=True).returncode != 0, timeout=10)
         log = exporter.log()
         assert "running as nobody with no capabilities" in log
         assert "failed" not in log and "Traceback" not in log
