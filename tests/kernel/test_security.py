@@ -16,9 +16,11 @@ import signal
 import socket
 import ssl
 import subprocess
+import tempfile
 import urllib.parse
 import time
 import urllib.request
+from pathlib import Path
 
 import bcrypt
 import pytest
@@ -327,3 +329,33 @@ def test_sighup_reloads_the_web_config_and_a_bad_one_keeps_the_old(tmp_path):
         assert len(failed) == 1 and "previous configuration stays" in failed[0]
         assert request(exporter.port, headers=basic("bob", PASSWORD))[0] == 200
         assert exporter.process.poll() is None
+
+
+def test_run_as_names_the_web_config_files_a_reload_could_not_read():
+    """A reload (SIGHUP) rereads the file and its certificates as the
+    --run-as user: one warning at start names those it cannot read."""
+    directory = Path(tempfile.mkdtemp(prefix="tcpstate-web-", dir="/tmp"))
+    try:
+        directory.chmod(0o755)  # reachable by the user; the files decide
+        pki = make_pki(directory)
+        config = directory / "web.yml"
+        config.write_text(f"tls_server_config:\n  cert_file: {pki.server_cert.name}\n"
+                          f"  key_file: {pki.server_key.name}\n")
+        for path, mode in ((config, 0o644), (pki.server_cert, 0o644), (pki.server_key, 0o600)):
+            path.chmod(mode)
+        command = Exporter("--run-as=nobody", "--web.config.file", str(config),
+                           "--dry-run").command
+
+        def start() -> subprocess.CompletedProcess:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=180)
+            assert result.returncode == 0, result.stderr
+            return result
+
+        warned = [line for line in start().stderr.splitlines() if "a reload" in line]
+        assert len(warned) == 1, warned
+        assert f"nobody cannot read {pki.server_key}:" in warned[0]
+        assert str(pki.server_cert) not in warned[0] and str(config) not in warned[0]
+        pki.server_key.chmod(0o644)
+        assert "a reload" not in start().stderr
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
