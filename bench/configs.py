@@ -256,19 +256,29 @@ class Scraper:
 
 
 class NodeExporter:
-    """node_exporter with only its tcpstat collector, inside the lab's
-    namespace so that it sees the workload's sockets."""
+    """node_exporter on a free loopback port: by default with only its
+    tcpstat collector, inside the lab's namespace so that it sees the
+    workload's sockets; with lab=None in the host's namespace, and with
+    collectors=None its default collectors (as a node runs it)."""
 
-    def __init__(self, lab: Lab):
+    def __init__(self, lab: Lab | None, collectors: tuple[str, ...] | None = ("tcpstat",)):
         self.lab = lab
+        self.collectors = collectors
         self.port = free_port()
 
     def __enter__(self) -> "NodeExporter":
+        command = [NODE_EXPORTER, f"--web.listen-address=127.0.0.1:{self.port}"]
+        if self.collectors is not None:
+            command += ["--collector.disable-defaults",
+                        *(f"--collector.{name}" for name in self.collectors)]
+        # a file, not a pipe: a collector that logs every scrape never blocks it
+        self.log = tempfile.TemporaryFile("a+")
+        # `ip netns exec` execs the exporter: the process's pid is the exporter's
         self.process = subprocess.Popen(
-            self.lab.command(NODE_EXPORTER, f"--web.listen-address=127.0.0.1:{self.port}",
-                             "--collector.disable-defaults", "--collector.tcpstat"),
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        self.scraper = Scraper(self.port, self.lab.namespace)
+            self.lab.command(*command) if self.lab else command,
+            stdout=subprocess.DEVNULL, stderr=self.log, text=True)
+        self.pid = self.process.pid
+        self.scraper = Scraper(self.port, self.lab.namespace if self.lab else None)
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             try:
@@ -278,13 +288,16 @@ class NodeExporter:
                 self.scraper.close()
                 self.scraper.connection = None
                 if self.process.poll() is not None or time.monotonic() > deadline:
+                    stop_process(self.process)
+                    self.log.seek(0)
                     raise RuntimeError(f"node_exporter did not start: "
-                                       f"{stop_process(self.process)[1][-300:]}") from None
+                                       f"{self.log.read()[-300:]}") from None
                 time.sleep(0.1)
 
     def __exit__(self, *exc) -> None:
         self.scraper.close()
         stop_process(self.process)
+        self.log.close()
 
 
 RATE_CONFIGS = (

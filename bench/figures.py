@@ -22,6 +22,7 @@ from tracer.probe import Probe
 from tracer.program import RAW_TRACEPOINT, TRACEPOINT
 
 from . import ftrace, measure, programs
+from .memory import BEFORE_COMMITS
 from .configs import QUICK_RATE_CONFIGS, RATE_CONFIGS, NodeExporter, Scraper, Serve, Tcpstates
 from .lab import CHURN_PORT, DENSE, REQUEST_RESPONSE, SERVICE_PORTS, SINGLE, Lab, Workload
 
@@ -51,6 +52,9 @@ class Settings:
     exact_connections: int = 200_000
     skip_connections: int = 40_000  # skips figure: per round
     skip_rounds: int = 3         # skips figure: pairs of rounds (without, with scrapes) per path
+    memory_rounds: int = 5       # memory figure: starts of each code (lean, befores)
+    memory_scrapes: int = 1000   # memory figure: scrapes of each code, and of node_exporter
+    memory_before: tuple[str, ...] = BEFORE_COMMITS  # memory figure: code before the lean daemon
     rate_configs: tuple = RATE_CONFIGS
 
     @classmethod
@@ -60,7 +64,8 @@ class Settings:
                    scrape_interval=2, scrapes=40, held=(5_000,), gauge_scrapes=5,
                    first_count_repeats=1, stop_repeats=1, exact_connections=20_000,
                    hostile_attempts=10, hostile_warmup=3,
-                   skip_connections=10_000, skip_rounds=1,
+                   skip_connections=10_000, skip_rounds=1, memory_rounds=1,
+                   memory_scrapes=200,
                    rate_configs=QUICK_RATE_CONFIGS)
 
 

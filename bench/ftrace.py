@@ -42,6 +42,7 @@ def remove_stale_instances() -> None:
 class Births:
     recorded: int = 0       # every birth on the port ftrace recorded
     over_pid1: int = 0      # ... with a thread of PID 1 as the current task
+    over_pid1_in_softirq: int = 0  # ... of which in a softirq
     overrun: bool = False   # ftrace lost events: the counts are not the truth
 
 
@@ -86,7 +87,9 @@ class BirthEvents:
             if not match:
                 raise RuntimeError(f"bench: unparsed ftrace line {line!r}")
             found.recorded += 1
-            found.over_pid1 += int(match["pid"]) in pid1
+            over_pid1 = int(match["pid"]) in pid1
+            found.over_pid1 += over_pid1
+            found.over_pid1_in_softirq += over_pid1 and "s" in match["flags"]
         for stats in (self.instance / "per_cpu").glob("cpu*/stats"):
             found.overrun |= "\noverrun: 0\n" not in "\n" + stats.read_text()
         self.clear()

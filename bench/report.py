@@ -363,6 +363,103 @@ def _skips(data: dict, figures: dict, out: Path, failures: list[str]) -> list[st
     return lines
 
 
+TARGET_RSS_TO_NODE_EXPORTER = 2.5  # issue 14: serve's steady RSS / node_exporter's, same run
+TARGET_FLAT_GROWTH = 0.05    # issue 14: "flat": RSS after the loop within 5% of after 100 scrapes
+TARGET_START_RATIO = 1.0     # issue 14: start to first scrape, lean / before, no slower
+
+
+def _mib(kib: float | None) -> str:
+    return "-" if kib is None else f"{kib / 1024:.1f} MiB"
+
+
+def _memory_and_start(data: dict, figures: dict, out: Path, failures: list[str]) -> list[str]:
+    from .memory import NEW, RSS_SAMPLE_EVERY
+
+    summary, ratios, n = data["summary"], data["ratios"], data["scrapes"]
+    codes = list(summary)  # the lean daemon first, then the code before it
+    node_after = [summary[label]["node_exporter_rss_after_kib"] for label in codes]
+    lines = [f"### 11. Memory and start, side by side with node_exporter (issue 14)", "",
+             f"`tcpstate serve` with default flags ({data['cpus']} CPUs), this checkout's "
+             "lean daemon and the code before it (`git archive COMMIT tracer bpf`, run with "
+             "`python -m tracer.cli serve` from there: "
+             f"{', '.join(data['before_commits'])}), started in turns "
+             f"(the order alternating each round), with a churn of {data['background_rate']} "
+             "connections/s in the lab; node_exporter (default collectors, host namespace, "
+             "loopback) runs throughout. Start: from starting the process to the first "
+             "scrape with a transition counted (polled every 10 ms). Then, in each code's "
+             f"first start, {n:,} kept-alive scrapes of it and {n:,} of node_exporter, "
+             f"alternately, resident memory sampled every {RSS_SAMPLE_EVERY}. Load average "
+             f"during the figure: {data['load_average'][0]} / {data['load_average'][1]}.", ""]
+    for error in data.get("before_errors", ()):
+        lines += [f"Not run: {error}.", ""]
+    header = "| | " + " | ".join(codes) + " | node_exporter |"
+    lines += [header, "|---|" + "---:|" * (len(codes) + 1)]
+
+    def row(what: str, cells: list[str], node: str = "") -> None:
+        lines.append(f"| {what} | " + " | ".join(cells) + f" | {node} |")
+
+    row("start to first scrape with events (median; each start)",
+        [f"{summary[c]['median_start_seconds']:.2f} s ("
+         + ", ".join(f"{r['start_seconds']:.2f}" for r in data["runs"][c]) + ")" for c in codes])
+    row("CPU (user + system, with the loader's) to that first scrape (median; each start)",
+        [f"{summary[c]['median_start_cpu_seconds']:.2f} s ("
+         + ", ".join(f"{r['start_cpu_seconds']:.2f}" for r in data["runs"][c]) + ")"
+         for c in codes])
+    row("RSS at that first scrape (median) / node_exporter after start",
+        [_mib(summary[c]["median_rss_start_kib"]) for c in codes],
+        _mib(data["node_exporter_rss_start_kib"]))
+    row(f"RSS after {n:,} scrapes (node_exporter: in the same loop)",
+        [_mib(summary[c]["rss_after_kib"]) for c in codes],
+        " / ".join(_mib(kib) for kib in node_after))
+    row(f"RSS every {RSS_SAMPLE_EVERY} scrapes, MiB",
+        [", ".join(f"{s['serve_kib'] / 1024:.1f}" for s in summary[c]["samples"]) for c in codes],
+        " / ".join(", ".join(f"{s['node_exporter_kib'] / 1024:.1f}"
+                             for s in summary[c]["samples"]) for c in codes))
+    row(f"high-water mark (VmHWM) after {n:,} scrapes",
+        [_mib(summary[c]["hwm_after_kib"]) for c in codes])
+    row("loader's peak: ru_maxrss from serve's log line (each start)",
+        [", ".join(f"{mib} MiB" for mib in summary[c]["loader_peak_logged_mib"])
+         if any(summary[c]["loader_peak_logged_mib"]) else "no loader (bcc in the server)"
+         for c in codes])
+    row("loader's peak: highest VmHWM polled of serve's children (each start)",
+        [", ".join(_mib(kib) for kib in summary[c]["loader_peak_polled_kib"])
+         if any(summary[c]["loader_peak_polled_kib"]) else "-" for c in codes])
+    row("BPF maps of its program (bpftool bytes_memlock, sum)",
+        [_mib(summary[c]["maps_total_bytes"] / 1024) for c in codes])
+    row(f"`map_bytes({data['cpus']}, 1, {summary[NEW]['table_capacity']:,})`",
+        [_mib(summary[NEW]["map_bytes_formula"] / 1024)] + [""] * (len(codes) - 1))
+    row("scrape time (median)", [f"{summary[c]['serve_scrape_ms']:.1f} ms" for c in codes],
+        " / ".join(f"{summary[c]['node_exporter_scrape_ms']:.1f} ms" for c in codes))
+
+    new = summary[NEW]
+    to_node = new["rss_after_kib"] / max(node_after[0], 1)
+    samples = new["samples"]
+    settled = next((s for s in samples if s["scrapes"] >= RSS_SAMPLE_EVERY), samples[0])
+    growth = (new["rss_after_kib"] - settled["serve_kib"]) / max(settled["serve_kib"], 1)
+    lines += ["", f"Target: serve's RSS after {n:,} scrapes <= {TARGET_RSS_TO_NODE_EXPORTER}x "
+              f"node_exporter's in the same loop: {to_node:.2f}x "
+              f"({_mib(new['rss_after_kib'])} vs {_mib(node_after[0])}), "
+              f"{_met(to_node <= TARGET_RSS_TO_NODE_EXPORTER)}"
+              + "".join(f"; {c}: {summary[c]['rss_after_kib'] / max(node, 1):.2f}x"
+                        for c, node in zip(codes[1:], node_after[1:])) + "."]
+    lines.append(f"Target: flat over the scrapes (RSS after {n:,} within "
+                 f"{100 * TARGET_FLAT_GROWTH:.0f}% of after {settled['scrapes']}): "
+                 f"{100 * growth:+.1f}% ({_mib(settled['serve_kib'])} -> "
+                 f"{_mib(new['rss_after_kib'])}), {_met(growth <= TARGET_FLAT_GROWTH)}.")
+    for label, ratio in ratios.items():
+        lines.append(f"Target: start to first scrape, lean / {label} <= {TARGET_START_RATIO}: "
+                     f"{ratio['start']:.2f} (median of the rounds' ratios: "
+                     f"{', '.join(f'{r:.2f}' for r in ratio['start_per_round'])}), "
+                     f"{_met(ratio['start'] <= TARGET_START_RATIO)}; CPU to start "
+                     f"{ratio['start_cpu']:.2f}; RSS lean / {label}: "
+                     f"{ratio['rss_start']:.2f} at the first scrape, {ratio['rss_after']:.2f} "
+                     f"after {n:,} scrapes.")
+    loaded = {c: data["runs"][c][0]["loaded"] for c in codes}
+    lines += ["", "Their log lines (first start): "
+              + "; ".join(f"{c}: `{line}`" for c, line in loaded.items()) + "."]
+    return lines
+
+
 RENDERERS = (
     ("kernel_cost", _kernel_cost),
     ("rates", _rates),
@@ -375,4 +472,5 @@ RENDERERS = (
     ("stop", _stop),
     ("hostile", _hostile),
     ("skips", _skips),
+    ("memory", _memory_and_start),
 )

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import figures, report
+from . import figures, memory, report
 from .measure import load_average
 from .lab import Lab
 
@@ -34,6 +34,7 @@ FIGURES = {
     "stop": figures.stop_time,
     "hostile": figures.hostile_neighbour,
     "skips": figures.skips_under_scrapes,
+    "memory": memory.memory_and_start,
 }
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 

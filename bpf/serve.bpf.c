@@ -174,6 +174,14 @@ static __always_inline void table_evicted(u32 cpu, const struct sock_entry *gone
     untracked_add(index);
 }
 
+/* A stale entry's count leaves the cell it was in. */
+static __always_inline void table_stale(u32 cpu, struct sock_entry *stale, bool birth)
+{
+    live_add(cpu, live_index_of(stale), -1);
+    if (!birth)
+        count(cpu, C_STALE_ENTRIES);
+}
+
 /* One function per histogram: bcc binds a map only where it is named. */
 static __always_inline void observe_state(u32 cpu, u32 index, u64 ns)
 {
@@ -249,26 +257,11 @@ STATE_CHANGE_HANDLER(on_state_change)
     struct table_row *row = socket_table.lookup(&row_index);
     if (!row)
         return 0;
-    u32 way = find_way(row, c.sk);
-    struct sock_entry *entry = 0;
-    if (way < TABLE_WAYS) {
-        entry = &row->entry[way];
-        /* An entry that does not hold the state this socket leaves: a
-         * transition of it was missed (or, at a birth, the address's last
-         * close). Its count leaves the cell it was in; the socket goes on
-         * as one first seen now, in the same way. */
-        if (c.birth || entry->state != c.old) {
-            if (entry->state) {
-                live_add(cpu, live_index_of(entry), -1);
-                if (!c.birth)
-                    count(cpu, C_STALE_ENTRIES);
-            }
-            entry->born_ns = 0;
-            entry->side = 0;
-            entry->family = c.fam;
-            entry->port_slot = c.birth ? port_slot_at_birth(&c) : port_slot_unseen(&c);
-            entry->state = 0;
-        }
+    u32 way;
+    struct sock_entry *entry = entry_of(cpu, row, &c, &way);
+    if (entry && !entry->state) {
+        entry->family = c.fam;
+        entry->port_slot = c.birth ? port_slot_at_birth(&c) : port_slot_unseen(&c);
     }
 
     u32 port, fam;

@@ -296,8 +296,9 @@ struct table_row {
 };
 
 /* Defined by the program that includes this file: what it does with the
- * entry of a socket that a full row pushed out. */
+ * entry of a socket that a full row pushed out, and with a stale one. */
 static __always_inline void table_evicted(u32 cpu, const struct sock_entry *gone);
+static __always_inline void table_stale(u32 cpu, struct sock_entry *stale, bool birth);
 
 static __always_inline u32 row_of(u64 sk)
 {
@@ -346,6 +347,28 @@ static __always_inline u32 claim_way(u32 cpu, struct table_row *row, u64 sk)
     table_evicted(cpu, &row->entry[victim]);
     row->entry[victim].state = 0;
     return victim;
+}
+
+/* The socket's entry in `row` (its way in *way), or NULL. An entry that does
+ * not hold the state this socket leaves is stale: a transition of it was
+ * missed (or, at a birth, the address's last close). The program lets it
+ * go (table_stale), and the socket goes on in the same way as one first
+ * seen now: a blank entry, state 0. */
+static __always_inline struct sock_entry *entry_of(u32 cpu, struct table_row *row,
+                                                   const struct state_change *c, u32 *way)
+{
+    *way = find_way(row, c->sk);
+    if (*way >= TABLE_WAYS)
+        return 0;
+    struct sock_entry *entry = &row->entry[*way];
+    if (c->birth || entry->state != c->old) {
+        if (entry->state)
+            table_stale(cpu, entry, c->birth);
+        entry->born_ns = 0;
+        entry->side = 0;
+        entry->state = 0;
+    }
+    return entry;
 }
 
 /* Let a way go: its state first, so no CPU takes a half-freed way for a

@@ -73,9 +73,15 @@ static __always_inline bool tcp_proto_known(u64 proto) { return false; }
 static __always_inline void tcp_proto_learn(u64 proto) {}
 #endif
 
-/* A trace keeps no counts: a pushed-out entry just goes. */
+/* A trace keeps no counts: a pushed-out entry just goes, and a stale one
+ * tells nothing about this socket, its owner included. */
 static __always_inline void table_evicted(u32 cpu, const struct sock_entry *gone)
 {
+}
+
+static __always_inline void table_stale(u32 cpu, struct sock_entry *stale, bool birth)
+{
+    stale->owner_pid = 0;
 }
 
 /* Transitions that run in the owning process's context (a system call on
@@ -253,19 +259,8 @@ STATE_CHANGE_HANDLER(on_state_change)
     row = socket_table.lookup(&row_index);
     if (!row)
         return 0;
-    u32 way = find_way(row, c.sk);
-    struct sock_entry *entry = 0;
-    if (way < TABLE_WAYS) {
-        entry = &row->entry[way];
-        /* A stale entry (a missed transition, or the address's last
-         * close): it tells nothing about this socket. */
-        if (c.birth || entry->state != c.old) {
-            entry->born_ns = 0;
-            entry->side = 0;
-            entry->owner_pid = 0;
-            entry->state = 0;
-        }
-    }
+    u32 way;
+    struct sock_entry *entry = entry_of(c.cpu, row, &c, &way);
 
     u64 duration_ns = ~0ULL;
     if (entry && entry->state)

@@ -19,7 +19,7 @@ os.environ["OPENBLAS_NUM_THREADS"] = "1"
 
 from . import __version__  # noqa: E402 (after the environment is set)
 from .errors import EXIT_INTERNAL, EXIT_USAGE, TcpstateError, UsageError
-from .probe import DEFAULT_SOCKET_TABLE_SIZE, parse_service_ports, table_rows
+from .program import DEFAULT_SOCKET_TABLE_SIZE, parse_service_ports, table_rows
 
 LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
               "error": logging.ERROR}
@@ -181,13 +181,19 @@ def run(args: argparse.Namespace) -> int:
         format="ts=%(asctime)s level=%(levelname)s msg=%(message)s",
     )
     if args.command == "serve":
+        from .handoff import Loading, loader_request
         from .program import choose_attachment
-        from .serve import serve
 
         attachment = choose_attachment(args.attach)
         check_all(SERVE_NEEDS, attach=attachment.kind)
+        # The loader compiles while this process imports the server's
+        # modules (numpy, prometheus_client): on two cores, at once.
+        loading = Loading(loader_request(args.service_ports, args.socket_table_size,
+                                         attachment))
+        from .serve import serve
+
         code = serve(
-            attachment=attachment,
+            loading=loading,
             listen_address=args.listen_address,
             telemetry_path=args.telemetry_path,
             service_ports=args.service_ports,

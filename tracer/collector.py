@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from . import __version__, metrics as m
-from .probe import Snapshot
+from .serve_maps import Snapshot
 from .states import FAMILIES, GAUGE_STATES, KNOWN_TRANSITIONS, SIDES, STATES, code_of, name_of
 
 log = logging.getLogger(__name__)

@@ -15,15 +15,20 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import os
 import resource
 import signal
 import socket
 import subprocess
 import sys
-from typing import Sequence
+import time
+from typing import TYPE_CHECKING, Sequence
 
 from .errors import EXIT_BPF, EXIT_INTERNAL, TcpstateError
+
+if TYPE_CHECKING:
+    from .program import Attachment
 
 MAX_FDS = 32
 MAX_MESSAGE = 1 << 20
@@ -58,29 +63,59 @@ def die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def load_in_child(request: dict) -> tuple[dict, list[int]]:
-    """Run the loader with `request`; return its description and
-    descriptors, or raise its error with its exit code."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    with ours:
+class Loading:
+    """A loader at work. Started early (tracer/cli.py starts it before the
+    server imports its own modules, so the two overlap on a multi-core
+    host); finish() waits for its descriptors."""
+
+    def __init__(self, request: dict):
+        self.started = time.monotonic()
+        self._ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            child = subprocess.Popen(
+            self._child = subprocess.Popen(
                 [sys.executable, "-m", "tracer.loader", str(theirs.fileno()), str(os.getpid())],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        except BaseException:
+            self._ours.close()
+            raise
         finally:
             theirs.close()
-        try:
-            send(ours, request)
-            message, fds = receive(ours)
-        finally:
-            code = child.wait()
-    # what the compile cost: the pod's memory limit must cover it
-    message["loader_peak_kib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if "error" in message:
-        for fd in fds:
-            os.close(fd)
-        raise TcpstateError(message["error"], message.get("exit_code", EXIT_BPF))
-    if not message:
-        raise TcpstateError(f"the loader exited {code} without handing the program over",
-                            EXIT_BPF)
-    return message, fds
+        send(self._ours, request)
+
+    def finish(self) -> tuple[dict, list[int]]:
+        """The loader's description and descriptors, or its error raised
+        with its exit code."""
+        with self._ours:
+            try:
+                message, fds = receive(self._ours)
+            finally:
+                code = self._child.wait()
+        # what the compile cost: the pod's memory limit must cover it
+        message["loader_peak_kib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        if "error" in message:
+            for fd in fds:
+                os.close(fd)
+            raise TcpstateError(message["error"], message.get("exit_code", EXIT_BPF))
+        if not message:
+            raise TcpstateError(f"the loader exited {code} without handing the program over",
+                                EXIT_BPF)
+        return message, fds
+
+    def cancel(self) -> None:
+        """The server gives up (its port is taken): nothing stays attached."""
+        self._child.kill()
+        self._child.wait()
+        self._ours.close()
+
+
+def loader_request(service_ports: Sequence[int], socket_table_size: int,
+                   attachment: "Attachment", seed_live_sockets: bool = True) -> dict:
+    """What the loader is asked to build (tracer/loader.py reads it)."""
+    return {
+        "service_ports": list(service_ports),
+        "socket_table_size": socket_table_size,
+        "attach": attachment.kind,
+        "offsets": attachment.offsets,
+        "seed": seed_live_sockets,
+        "log_level": logging.getLogger().getEffectiveLevel(),
+    }

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Sequence
 
 from . import netns
-from .handoff import load_in_child
 from .program import Attachment
 from .serve_maps import ServeMaps, Snapshot, prog_stats_of_fd, serve_layout
 
@@ -40,20 +38,6 @@ class HeldProgram:
         except BaseException:
             self.close()
             raise
-
-    @classmethod
-    def load(cls, service_ports: Sequence[int], socket_table_size: int,
-             attachment: Attachment, seed_live_sockets: bool = True) -> "HeldProgram":
-        """Compile, load, attach and seed in the loader; hold the result."""
-        description, fds = load_in_child({
-            "service_ports": list(service_ports),
-            "socket_table_size": socket_table_size,
-            "attach": attachment.kind,
-            "offsets": attachment.offsets,
-            "seed": seed_live_sockets,
-            "log_level": logging.getLogger().getEffectiveLevel(),
-        })
-        return cls(description, fds)
 
     def prog_stats(self) -> dict[str, int]:
         return prog_stats_of_fd(self.prog_fd)

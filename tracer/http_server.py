@@ -45,11 +45,14 @@ from dataclasses import dataclass
 from email.message import Message
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Hashable
+from typing import Callable, Hashable, Iterator
 
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
 
+from . import metrics as m
 from .errors import EXIT_LISTEN, TcpstateError, UsageError
 from .webconfig import WebConfig, load_web_config
 
@@ -647,6 +650,33 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s %s", self.address_string(), format % args)
 
 
+class FrontCollector(Collector):
+    """What the HTTP front turned away, so that nothing it drops is silent:
+    connections refused or shed by the admission policy, scrapes answered
+    503, accepts that failed (out of descriptors)."""
+
+    def __init__(self, server: "_Server"):
+        self.server = server
+
+    def collect(self) -> Iterator[Metric]:
+        server = self.server
+        for name, value, text in (
+            (m.HTTP_CONNECTIONS_REFUSED, server.connections.refused,
+             "Connections closed at once: their source held its cap of connections, "
+             "none of them idle."),
+            (m.HTTP_CONNECTIONS_SHED, server.connections.shed,
+             "Connections closed to admit another: the server was full (from the source "
+             "holding the most) or the source was at its cap (its longest-idle one)."),
+            (m.HTTP_SCRAPES_REFUSED, server.site.scrapes.refused,
+             "Scrapes answered 503: --web.max-requests were being answered and no body "
+             "being made could be shared in time."),
+            (m.HTTP_ACCEPT_FAILURES, server.accept_failures,
+             "Connections the kernel could not hand over (out of file descriptors): the "
+             "server backed off."),
+        ):
+            yield CounterMetricFamily(m.family_name(name), text, value=value)
+
+
 def bind(listen_address: str, registry: CollectorRegistry, telemetry_path: str,
          web_config: WebConfig | None = None,
          scrape_lock: threading.Lock | None = None,
@@ -662,4 +692,5 @@ def bind(listen_address: str, registry: CollectorRegistry, telemetry_path: str,
         ) from None
     for warning in web_config.warnings() if web_config else ():
         log.warning("%s", warning)
+    registry.register(FrontCollector(server))
     return server

@@ -23,19 +23,16 @@ from typing import Collection, Iterator, Sequence
 import numpy as np
 
 from . import netns
-from .errors import EXIT_BPF, TcpstateError, UsageError
+from .errors import EXIT_BPF, TcpstateError
 from .maps import MappedArray
-from .metrics import MAX_SERVICE_PORTS
 from .serve_maps import ServeMaps, Snapshot, port_labels_of, prog_stats_of_fd, serve_layout
-from .program import (AUTO, COUNTERS, FUNCTION, RAW_TRACEPOINT, TABLE_WAYS, Attachment,
-                      bpf_dir, cflags, choose_attachment, possible_cpus)
+from .program import (AUTO, COUNTERS, DEFAULT_SOCKET_TABLE_SIZE, FUNCTION, RAW_TRACEPOINT,
+                      TABLE_WAYS, Attachment, bpf_dir, cflags, choose_attachment,
+                      possible_cpus, table_rows)
 from .states import NSTATES, code_of
 
 log = logging.getLogger(__name__)
 
-MIN_SOCKET_TABLE_SIZE = 16
-DEFAULT_SOCKET_TABLE_SIZE = 262_144
-MAX_SOCKET_TABLE_SIZE = 1 << 24
 
 LISTEN = code_of("listen")
 
@@ -43,28 +40,6 @@ LISTEN = code_of("listen")
 def bpf_source(command: str = "serve") -> Path:
     """bpf/serve.bpf.c or bpf/trace.bpf.c."""
     return bpf_dir() / f"{command}.bpf.c"
-
-
-def parse_service_ports(text: str) -> tuple[int, ...]:
-    """`80,443` -> (80, 443); UsageError on anything else."""
-    ports: list[int] = []
-    for item in (part.strip() for part in text.split(",")):
-        if not item.isdigit() or not 1 <= int(item) <= 65535:
-            raise UsageError(f"--service-ports: {item!r} is not a port number 1-65535")
-        if int(item) not in ports:
-            ports.append(int(item))
-    if len(ports) > MAX_SERVICE_PORTS:
-        raise UsageError(f"--service-ports: at most {MAX_SERVICE_PORTS} ports")
-    return tuple(ports)
-
-
-def table_rows(socket_table_size: int) -> int:
-    if not MIN_SOCKET_TABLE_SIZE <= socket_table_size <= MAX_SOCKET_TABLE_SIZE:
-        raise UsageError(
-            f"--socket-table-size must be between {MIN_SOCKET_TABLE_SIZE} "
-            f"and {MAX_SOCKET_TABLE_SIZE}"
-        )
-    return -(-socket_table_size // TABLE_WAYS)
 
 
 @contextlib.contextmanager

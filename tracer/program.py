@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .btf import Btf, BtfError
 from .errors import EXIT_BPF, TcpstateError, UsageError
-from .metrics import BUCKET_MIN_LOG2, NBUCKETS
+from .metrics import BUCKET_MIN_LOG2, MAX_SERVICE_PORTS, NBUCKETS
 from .prereq import kernel_release, parse_release
 from .states import NSTATES
 
@@ -38,6 +38,9 @@ FUNCTION = "on_state_change"
 # live sockets average 3 per row and a full row (an eviction) stays rare
 # (BENCHMARKS.md measures it).
 TABLE_WAYS = 8
+MIN_SOCKET_TABLE_SIZE = 16
+DEFAULT_SOCKET_TABLE_SIZE = 262_144
+MAX_SOCKET_TABLE_SIZE = 1 << 24
 
 # The order of `enum counter` in bpf/tcpstate.h (a unit test compares).
 COUNTERS = (
@@ -178,3 +181,25 @@ def cflags(attachment: Attachment, port_slots: int, table_rows: int, cpus: int,
             flags.append("-DREENTRANT")
     flags += [f"-D{name}={value}" for name, value in sorted(attachment.offsets.items())]
     return flags
+
+
+def parse_service_ports(text: str) -> tuple[int, ...]:
+    """`80,443` -> (80, 443); UsageError on anything else."""
+    ports: list[int] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item.isdigit() or not 1 <= int(item) <= 65535:
+            raise UsageError(f"--service-ports: {item!r} is not a port number 1-65535")
+        if int(item) not in ports:
+            ports.append(int(item))
+    if len(ports) > MAX_SERVICE_PORTS:
+        raise UsageError(f"--service-ports: at most {MAX_SERVICE_PORTS} ports")
+    return tuple(ports)
+
+
+def table_rows(socket_table_size: int) -> int:
+    if not MIN_SOCKET_TABLE_SIZE <= socket_table_size <= MAX_SOCKET_TABLE_SIZE:
+        raise UsageError(
+            f"--socket-table-size must be between {MIN_SOCKET_TABLE_SIZE} "
+            f"and {MAX_SOCKET_TABLE_SIZE}"
+        )
+    return -(-socket_table_size // TABLE_WAYS)

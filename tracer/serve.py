@@ -22,8 +22,9 @@ from prometheus_client import CollectorRegistry
 
 from .collector import TcpstateCollector
 from .http_server import DEFAULT_MAX_REQUESTS, bind
+from .handoff import Loading, loader_request
 from .held import HeldProgram
-from .program import Attachment, choose_attachment
+from .program import choose_attachment
 from .webconfig import WebConfig
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def serve(
     run_as=None,
     report: Callable[[str], None] = print,
     max_requests: int = DEFAULT_MAX_REQUESTS,
-    attachment: Attachment | None = None,
+    loading: Loading | None = None,
 ) -> int:
     """`run_as` is a pwd entry (tracer.privileges.lookup_user) or None."""
     # A signal goes to any thread that does not block it, and Python runs
@@ -85,13 +86,19 @@ def serve(
 
     registry = CollectorRegistry(auto_describe=True)
     scrape_lock = threading.Lock()
-    # Bind before loading: a busy port fails fast, with nothing to undo.
-    server = None if dry_run else bind(listen_address, registry, telemetry_path,
-                                       web_config, scrape_lock, max_requests)
-    started = time.monotonic()
+    # The loader is at work already (tracer/cli.py starts it first): a busy
+    # port stops it, with nothing left attached.
+    if loading is None:
+        loading = Loading(loader_request(service_ports, socket_table_size,
+                                         choose_attachment()))
     try:
-        probe = HeldProgram.load(service_ports, socket_table_size,
-                                 attachment or choose_attachment())
+        server = None if dry_run else bind(listen_address, registry, telemetry_path,
+                                           web_config, scrape_lock, max_requests)
+    except BaseException:
+        loading.cancel()
+        raise
+    try:
+        probe = HeldProgram(*loading.finish())
     except BaseException:
         if server is not None:
             server.server_close()
@@ -103,7 +110,7 @@ def serve(
         stats = probe.prog_stats()
         loaded = (
             f"loaded and attached to the {probe.attachment.describe()} in "
-            f"{time.monotonic() - started:.2f}s (prog id {stats.get('prog_id')}, "
+            f"{time.monotonic() - loading.started:.2f}s (prog id {stats.get('prog_id')}, "
             f"socket table {probe.table_capacity} sockets, "
             f"loader peak {probe.loader_peak_kib / 1024:.0f} MiB, "
             f"service ports {','.join(map(str, service_ports)) or 'none'})"

@@ -2,7 +2,7 @@
 summary.
 
 Events arrive in batches as numpy arrays of struct trace_event
-(bpf/tcpstate.bpf.c). Text lines have fixed-width columns, so a whole batch
+(bpf/trace.bpf.c). Text lines have fixed-width columns, so a whole batch
 is laid out as one byte matrix with numpy, a column at a time, and written
 with one call: Python runs per batch and per distinct value (an address, a
 process), never per event. JSON needs Python per event, with cached pieces.

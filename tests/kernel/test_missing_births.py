@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from bench.ftrace import BirthEvents, pid1_threads
 from tracer import states
+from tracer.btf import Btf
 
 from .conftest import _cannot_run
 from .netlab import PREFIX
@@ -38,15 +39,11 @@ from .netlab import PREFIX
 HERE = Path(__file__).resolve().parent
 PROGRAM = HERE / "births.bpf.c"
 CHURN_SOURCE = HERE.parents[1] / "bench" / "churn.c"
-TRACEFS = Path("/sys/kernel/tracing")
-INSTANCE_PREFIX = "tcpstate-births-"
 PORT = 47990  # not one of conftest's SERVICE_PORTS: no exporter labels it
 ROUND = 10_000  # connections per round (~2 s under RPS steering)
 BUDGET_SECONDS = 40.0
 RAW_HANDLER = b"raw_tracepoint__inet_sock_set_state"
 CLASSIC_HANDLER = b"tracepoint__sock__inet_sock_set_state"
-# An ftrace line: "<comm>-<pid> [<cpu>] <flags> <seconds>: <event>: ..."
-TRACE_LINE = re.compile(r"^\s*(?P<comm>.*)-(?P<pid>\d+)\s+\[(?P<cpu>\d+)\]\s+(?P<flags>\S+)\s+")
 
 
 def run(*command: str) -> str:
@@ -54,46 +51,8 @@ def run(*command: str) -> str:
 
 
 def skc_num_offset() -> int:
-    """Offset of sock_common's skc_num (local port) in the running kernel, from
-    its BTF: sock_common holds an anonymous union {skc_portpair; struct
-    {skc_dport; skc_num;}}."""
-    dump = run("bpftool", "btf", "dump", "file", "/sys/kernel/btf/vmlinux", "format", "raw")
-    types: dict[int, tuple[str, list[tuple[str, int, int]]]] = {}
-    current = None
-    for line in dump.splitlines():
-        header = re.match(r"^\[(\d+)\] (\w+) '([^']*)'", line)
-        if header:
-            current = int(header.group(1))
-            types[current] = (f"{header.group(2)} {header.group(3)}", [])
-            continue
-        member = re.match(r"^\s+'([^']*)' type_id=(\d+) bits_offset=(\d+)", line)
-        if member and current is not None:
-            types[current][1].append((member.group(1), int(member.group(2)), int(member.group(3))))
-
-    def find(type_id: int, name: str, base: int = 0) -> int | None:
-        for member, member_type, bits in types[type_id][1]:
-            if member == name:
-                return base + bits
-            if member == "(anon)" and member_type in types:
-                found = find(member_type, name, base + bits)
-                if found is not None:
-                    return found
-        return None
-
-    (common,) = [i for i, (kind, _) in types.items() if kind == "STRUCT sock_common"]
-    bits = find(common, "skc_num")
-    assert bits is not None and bits % 8 == 0, "no skc_num in the kernel's struct sock_common"
-    return bits // 8
-
-
-def remove_stale_instances() -> None:
-    """ftrace instances a killed earlier run left behind."""
-    for instance in (TRACEFS / "instances").glob(f"{INSTANCE_PREFIX}*"):
-        pid = instance.name[len(INSTANCE_PREFIX):]
-        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
-            with contextlib.suppress(OSError):
-                (instance / "events/sock/inet_sock_set_state/enable").write_text("0")
-                instance.rmdir()
+    """Offset of sock_common's skc_num (local port) in the running kernel."""
+    return Btf.load().member("sock_common", "skc_num").byte_offset
 
 
 @contextlib.contextmanager
@@ -111,36 +70,12 @@ def steered_namespace() -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
 
 
-@contextlib.contextmanager
-def birth_events() -> Iterator[Path]:
-    """An ftrace instance recording the births on PORT; yields its directory."""
-    remove_stale_instances()
-    instance = TRACEFS / "instances" / f"{INSTANCE_PREFIX}{os.getpid()}"
-    instance.mkdir()
-    event = instance / "events/sock/inet_sock_set_state"
-    try:
-        (instance / "buffer_size_kb").write_text("16384")
-        (event / "filter").write_text(
-            f"oldstate == {states.code_of('listen')} && newstate == {states.code_of('syn_recv')}"
-            f" && sport == {PORT}")
-        (event / "enable").write_text("1")
-        yield instance
-    finally:
-        with contextlib.suppress(OSError):
-            (event / "enable").write_text("0")
-        instance.rmdir()
-
-
 def passive_opens(namespace: str) -> int:
     lines = [line.split() for line in run("ip", "netns", "exec", namespace,
                                           "cat", "/proc/net/snmp").splitlines()
              if line.startswith("Tcp:")]
     names, values = lines
     return int(values[names.index("PassiveOpens")])
-
-
-def pid1_threads() -> set[int]:
-    return {int(tid) for tid in os.listdir("/proc/1/task")}
 
 
 def prog_stat(bpf, handler: bytes, key: str) -> int:
@@ -175,31 +110,21 @@ def test_bpf_misses_exactly_the_births_processed_over_pid1(tmp_path):
     bpf = BPF(src_file=str(PROGRAM).encode(), cflags=cflags)
     counts = Counts()
     try:
-        with steered_namespace() as namespace, birth_events() as instance:
+        with steered_namespace() as namespace, BirthEvents(PORT) as events:
             deadline = time.monotonic() + BUDGET_SECONDS
             while True:
                 kernel_before = passive_opens(namespace)
                 pid1 = pid1_threads()
                 run("ip", "netns", "exec", namespace, "taskset", "-c", "1", str(churn),
                     "-t", "1", "-s", "1", "-n", str(ROUND), "-p", str(PORT), "-a", "127.0.0.1")
-                pid1 |= pid1_threads()
+                births = events.take(pid1 | pid1_threads())
+                assert not births.overrun, "the ftrace instance lost events"
                 counts.kernel += passive_opens(namespace) - kernel_before
-                trace = (instance / "trace").read_text().splitlines()
-                (instance / "trace").write_text("")  # clear for the next round
-                for line in trace:
-                    if "inet_sock_set_state:" not in line:
-                        continue
-                    match = TRACE_LINE.match(line)
-                    assert match, f"unparsed ftrace line: {line!r}"
-                    counts.ftrace += 1
-                    if int(match["pid"]) in pid1:
-                        counts.under_pid1 += 1
-                        counts.under_pid1_softirq += "s" in match["flags"]
+                counts.ftrace += births.recorded
+                counts.under_pid1 += births.over_pid1
+                counts.under_pid1_softirq += births.over_pid1_in_softirq
                 if counts.under_pid1 or time.monotonic() > deadline:
                     break
-            for cpu_stats in (instance / "per_cpu").glob("cpu*/stats"):
-                assert "\noverrun: 0\n" in "\n" + cpu_stats.read_text(), \
-                    f"the ftrace instance lost events: {cpu_stats}"
         births = bpf[b"births"]
         counts.raw, counts.classic = births[0].value, births[1].value
         raw_misses = prog_stat(bpf, RAW_HANDLER, "recursion_misses")

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from tracer.metrics import NBUCKETS
-from tracer.probe import COUNTERS, Snapshot
+from tracer.program import COUNTERS
+from tracer.serve_maps import Snapshot
 from tracer.states import FAMILIES, NSTATES, SIDES, code_of
 
 

@@ -33,7 +33,7 @@ from tracer.cli import build_parser
 from tracer.errors import (EXIT_HEADERS, EXIT_KERNEL_VERSION, EXIT_PRIVILEGES, EXIT_TRACEPOINT,
                            EXIT_USAGE)
 from tracer.prereq import DEFAULT_TRACEFS
-from tracer.probe import DEFAULT_SOCKET_TABLE_SIZE
+from tracer.program import DEFAULT_SOCKET_TABLE_SIZE
 from tracer.serve_maps import map_bytes
 from tracer.http_server import DEFAULT_PORT, HEALTH_PATH, parse_listen_address
 

@@ -24,8 +24,8 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily
 
-from tracer.http_server import (MAX_CONNECTIONS, MAX_CONNECTIONS_PER_SOURCE, Admission, Request,
-                                SharedScrapes, Site, bind)
+from tracer.http_server import (MAX_CONNECTIONS, MAX_CONNECTIONS_PER_SOURCE, Admission,
+                                FrontCollector, Request, SharedScrapes, Site, bind)
 from tracer.webconfig import BasicAuth, WebConfig, load_web_config
 
 PASSWORD = "correct horse"
@@ -237,6 +237,13 @@ def test_a_scraper_on_its_own_address_gets_in_beside_a_full_house_of_busy_scrape
         assert server.connections.held_by("127.0.0.1") == MAX_CONNECTIONS_PER_SOURCE
         status, body, _ = get(port, "/-/healthy", source="127.0.0.2")
         assert (status, body) == (200, b"OK\n")
+        # what was turned away is exported, never silent
+        exported = {family.name: family.samples[0].value
+                    for family in FrontCollector(server).collect()}
+        assert (exported["tcpstate_http_connections_refused"]
+                + exported["tcpstate_http_connections_shed"]
+                >= MAX_CONNECTIONS - MAX_CONNECTIONS_PER_SOURCE)
+        assert exported["tcpstate_http_scrapes_refused"] == 0
     finally:
         blocking.release.set()
         for sock in flood:
