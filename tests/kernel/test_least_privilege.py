@@ -262,8 +262,9 @@ class TracedExporter(Exporter):
         return super().stop(sig, timeout)
 
 
-def test_every_system_call_is_in_the_unit_filter(tmp_path):
-    """What serve and the run-as drop start, load, scrape and stop with."""
+def test_every_system_call_is_in_the_unit_filter(tmp_path, unheld_namespace):
+    """What serve and the run-as drop start, load, scrape and stop with; an
+    `ip netns` namespace no process is in makes it call setns()."""
     strace = _debian_tool("strace", "strace")
     systemd_analyze = _debian_tool("systemd-analyze", "systemd")
     (allowed,) = unit_values(unit_entries(UNIT), "SystemCallFilter")
