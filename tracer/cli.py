@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                             f"body, else get 503 (default {DEFAULT_MAX_REQUESTS})")
     serve.add_argument("--run-as", dest="run_as", type=_run_as, default=None, metavar="USER",
                        help="once attached, become USER with no capabilities "
-                            "(the TIME-WAIT gauge is then not exported)")
+                            "(`ip netns` namespaces no process is in are then left out "
+                            "of the TIME-WAIT gauge)")
     _add_attach(serve)
     serve.add_argument("--dry-run", action="store_true",
                        help="check prerequisites, load, attach, read the maps once, and exit")
@@ -173,7 +174,7 @@ def _add_log_level(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .prereq import RUN_AS_NEEDS, SERVE_NEEDS, check_all, kernel_features
+    from .prereq import SERVE_NEEDS, check_all, kernel_features
 
     logging.basicConfig(
         level=LOG_LEVELS[args.log_level], stream=sys.stderr,
@@ -185,8 +186,7 @@ def run(args: argparse.Namespace) -> int:
 
         features = kernel_features()
         attachment = choose_attachment(args.attach, features=features)
-        check_all(*([RUN_AS_NEEDS] if args.run_as else []), needs=SERVE_NEEDS,
-                  features=features, attach=attachment.kind)
+        check_all(needs=SERVE_NEEDS, features=features, attach=attachment.kind)
         # The loader compiles while this process imports the server's
         # modules (numpy, prometheus_client): on two cores, at once.
         loading = Loading(loader_request(args.service_ports, args.socket_table_size,

@@ -3,9 +3,16 @@
 The tracepoint sees sockets of every namespace, so the live-socket gauge must
 too: the kernel's TIME-WAIT count (/proc/net/sockstat `tw`, which also holds
 orphaned FIN-WAIT-2 mini-sockets) exists per namespace, and the sockets that
-existed before start must be counted in each. A worker thread enters each
-namespace with setns(2) (network namespaces are per thread) and reads
-/proc/thread-self/net/*, which shows the thread's own namespace.
+existed before start must be counted in each.
+
+A namespace some process is in is read through that process's /proc/PID/net,
+which needs no privilege (the files are 0444 whoever owns the process).
+Each namespace is read once: /proc/PID/net/sockstat has one inode number per
+namespace, shared by all its processes. A namespace no process is in (a name
+of `ip netns`, /run/netns/NAME) can only be read from inside: a worker thread
+enters it with setns(2), which needs CAP_SYS_ADMIN (network namespaces are
+per thread) and reads /proc/thread-self/net/*. Refused, it is left out, with
+one warning.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import glob
+import logging
 import os
 import threading
 from collections import Counter
@@ -20,7 +28,10 @@ from typing import Callable, TypeVar
 
 from .errors import EXIT_PRIVILEGES, PrerequisiteError
 
+log = logging.getLogger(__name__)
+
 CLONE_NEWNET = 0x40000000
+OWN_NET = "/proc/thread-self/net"
 _libc = ctypes.CDLL(None, use_errno=True)
 _T = TypeVar("_T")
 
@@ -59,9 +70,11 @@ def namespace_paths() -> list[str]:
 
 
 def in_every_namespace(read: Callable[[], _T]) -> list[_T]:
-    """Call `read` once inside each network namespace; namespaces that
-    vanish while we walk (or paths that are no namespace) are skipped; one
-    we may not enter raises NamespaceAccessError."""
+    """Call `read` once inside each network namespace, entered with setns
+    (CAP_SYS_ADMIN, and CAP_SYS_PTRACE for other users' processes); what
+    each_namespace() reads without entering. Namespaces that vanish while we
+    walk (or paths that are no namespace) are skipped; one we may not enter
+    raises NamespaceAccessError."""
     results: list[_T] = []
     failure: list[BaseException] = []
 
@@ -99,9 +112,84 @@ def in_every_namespace(read: Callable[[], _T]) -> list[_T]:
     return results
 
 
-def read_time_wait() -> int:
-    """This namespace's TIME-WAIT mini-sockets (both families)."""
-    with open("/proc/thread-self/net/sockstat") as sockstat:
+def namespace_id(net_dir: str = OWN_NET) -> int:
+    """The namespace of a /proc/.../net directory, as the inode number of
+    its sockstat: one per namespace, readable without privilege."""
+    return os.stat(f"{net_dir}/sockstat").st_ino
+
+
+_refusal_warned = threading.Event()  # one warning a process: pods come and go
+
+
+def _named_namespaces(read: Callable[[str], _T], seen: set[int]) -> dict[int, _T]:
+    """`read` inside each /run/netns namespace not in `seen` (no process
+    holds it), entered with setns; a refused one is warned about once."""
+    names = glob.glob("/run/netns/*")
+    results: dict[int, _T] = {}
+    if not names:
+        return results
+    failure: list[BaseException] = []
+
+    def walk() -> None:
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        try:
+            for path in names:
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError:
+                    continue  # removed meanwhile (or unreadable: setns would be refused too)
+                try:
+                    _setns(fd)
+                except OSError as exc:
+                    if exc.errno == errno.EPERM and not _refusal_warned.is_set():
+                        _refusal_warned.set()
+                        log.warning("%s: the sockets of `ip netns` namespaces that no "
+                                    "process is in are left out (warned once)",
+                                    NamespaceAccessError(path, exc.errno))
+                    continue  # not a namespace (a stale /run/netns file, say)
+                finally:
+                    os.close(fd)
+                inode = namespace_id()
+                if inode not in seen:
+                    seen.add(inode)
+                    results[inode] = read(OWN_NET)
+        except BaseException as exc:  # reported in the caller's thread
+            failure.append(exc)
+        finally:
+            try:
+                _setns(home)  # tidy only: the thread ends here, and with it its namespace
+            except OSError:
+                pass
+            os.close(home)
+
+    worker = threading.Thread(target=walk, name="tcpstate-netns", daemon=True)
+    worker.start()
+    worker.join()
+    if failure:
+        raise failure[0]
+    return results
+
+
+def each_namespace(read: Callable[[str], _T]) -> dict[int, _T]:
+    """`read(net_dir)` once per network namespace, by namespace_id: through
+    /proc/PID/net of a process in it (no privilege needed), else, for
+    `ip netns` names no process holds, inside it (CAP_SYS_ADMIN; refused:
+    left out, warned once)."""
+    results: dict[int, _T] = {}
+    for net_dir in glob.glob("/proc/[0-9]*/net"):
+        try:
+            inode = namespace_id(net_dir)
+            if inode not in results:
+                results[inode] = read(net_dir)
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # the process exited: another of its namespace may follow
+    results.update(_named_namespaces(read, set(results)))
+    return results
+
+
+def read_time_wait(net_dir: str = OWN_NET) -> int:
+    """A namespace's TIME-WAIT mini-sockets (both families)."""
+    with open(f"{net_dir}/sockstat") as sockstat:
         for line in sockstat:
             if line.startswith("TCP:"):
                 fields = line.split()
@@ -110,7 +198,7 @@ def read_time_wait() -> int:
 
 
 def time_wait_total() -> int:
-    return sum(in_every_namespace(read_time_wait))
+    return sum(each_namespace(read_time_wait).values())
 
 
 def parse_proc_net_tcp(text: str) -> Counter[tuple[int, int, int]]:
@@ -130,12 +218,12 @@ def parse_proc_net_tcp(text: str) -> Counter[tuple[int, int, int]]:
     return counts
 
 
-def read_full_sockets() -> dict[int, Counter[tuple[int, int, int]]]:
-    """This namespace's full sockets by family index (0 ipv4, 1 ipv6)."""
+def read_full_sockets(net_dir: str = OWN_NET) -> dict[int, Counter[tuple[int, int, int]]]:
+    """A namespace's full sockets by family index (0 ipv4, 1 ipv6)."""
     found = {}
     for family, name in ((0, "tcp"), (1, "tcp6")):
         try:
-            with open(f"/proc/thread-self/net/{name}") as table:
+            with open(f"{net_dir}/{name}") as table:
                 found[family] = parse_proc_net_tcp(table.read())
         except FileNotFoundError:  # no IPv6 in this kernel
             found[family] = Counter()
@@ -144,7 +232,7 @@ def read_full_sockets() -> dict[int, Counter[tuple[int, int, int]]]:
 
 def full_sockets_everywhere() -> dict[int, Counter[tuple[int, int, int]]]:
     total: dict[int, Counter[tuple[int, int, int]]] = {0: Counter(), 1: Counter()}
-    for per_family in in_every_namespace(read_full_sockets):
+    for per_family in each_namespace(read_full_sockets).values():
         for family, counts in per_family.items():
             total[family].update(counts)
     return total

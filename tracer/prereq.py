@@ -41,8 +41,8 @@ CAP_BPF = 39
 # verifier or bpf(2) error.
 SERVE_NEEDS = {CMPXCHG: "serve counts with it", MMAPABLE: "serve reads its maps through it"}
 TRACE_NEEDS = {CMPXCHG: "trace counts with it", RINGBUF: "trace sends its events through it"}
-# No probe tells this one without dropping privileges: a version it stays.
-RUN_AS_NEEDS = ((6, 5), "--run-as needs map descriptors that work without CAP_BPF")
+# --run-as needs nothing more: after the drop the server reads the maps by
+# mmap and the program's statistics from /proc/self/fdinfo, never bpf(2).
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,7 @@ def check_all(*versions: tuple[tuple[int, int], str], needs: dict[str, str] | No
               features: Features | None = None,
               mount_tracefs: bool = True, attach: str = "tracepoint") -> Prerequisites:
     """All checks, cheapest first; raises on the first failure. `versions`:
-    the kernel versions a flag needs (RUN_AS_NEEDS); `needs`: the probed
+    (minimum, reason) pairs where no probe can tell (none today); `needs`: the probed
     features the command needs (SERVE_NEEDS, ...; probed here unless
     `features` already has them). `attach`: the path tracer/program.py
     chose; the raw tracepoint needs no tracefs (exit 4) and no tracepoint

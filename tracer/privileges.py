@@ -3,15 +3,16 @@ unprivileged USER with no capabilities left in any set, and can never gain
 any back (no_new_privs).
 
 Why this works: loading and attaching need CAP_BPF and CAP_PERFMON (or
-root), but since Linux 6.5 the bpf(2) commands on descriptors a process
-already holds, such as BPF_MAP_LOOKUP_BATCH, check no capability at all,
-whatever kernel.unprivileged_bpf_disabled says. The program stays attached
-as long as the process holds its descriptors.
+root), and the loader child does them before the drop. After it the server
+makes no bpf(2) call: it reads the maps through the memory it mapped before
+the drop, and the program's statistics from /proc/self/fdinfo; the program
+stays attached as long as the process holds its descriptors. So it works
+on every kernel serve runs on.
 
-What is lost: entering other network namespaces (setns) needs
-CAP_SYS_ADMIN, so the kernel's per-namespace TIME-WAIT count can no longer
-be read; that part of the collector is then off (serve.py), neither
-exported nor reported as failing.
+What is lost: entering a network namespace (setns) needs CAP_SYS_ADMIN.
+Namespaces some process is in are read through /proc/PID/net, which needs
+none; only `ip netns` namespaces no process is in are then left out of the
+TIME-WAIT gauge (tracer/netns.py, one warning).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ The HTTP server is tracer.http_server.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -21,7 +22,6 @@ from prometheus_client import CollectorRegistry
 
 from .collector import TcpstateCollector
 from .http_server import DEFAULT_MAX_REQUESTS, bind
-from .netns import NamespaceAccessError
 from .handoff import Loading, loader_request
 from .held import HeldProgram
 from .program import choose_attachment
@@ -37,8 +37,8 @@ SUMS_REFRESH_SECONDS = 60
 
 
 class _RepeatsOnce(logging.Filter):
-    """A collector part that fails at every scrape (the TIME-WAIT walk
-    without CAP_SYS_ADMIN, say) is logged once, not every 15 seconds; its
+    """A collector part that fails at every scrape (an unreadable
+    /proc, say) is logged once, not every 15 seconds; its
     failure stays visible in tcpstate_scrape_collector_success."""
 
     def __init__(self) -> None:
@@ -51,19 +51,16 @@ class _RepeatsOnce(logging.Filter):
         return not repeated
 
 
-class _WithoutTimeWait:
-    """The probe for a collector without CAP_SYS_ADMIN (--run-as, or started
-    with CAP_BPF + CAP_PERFMON only): entering other network namespaces for
-    their TIME-WAIT counts needs it, so that part is off."""
-
-    time_wait = None
-
-    def __init__(self, probe: HeldProgram):
-        self._probe = probe
-        self.port_labels = probe.port_labels
-
-    def read(self):
-        return self._probe.read()
+def _warn_unreadable(web_config: WebConfig | None, user: str) -> None:
+    """After --run-as, a reload (SIGHUP) reads the web config and its
+    certificates as `user`: say now which it could not."""
+    if web_config is None:
+        return
+    unreadable = [str(path) for path in web_config.files if not os.access(path, os.R_OK)]
+    if unreadable:
+        log.warning("--web.config.file: %s cannot read %s: a reload (SIGHUP) will fail and "
+                    "keep the current configuration (make them readable by %s, e.g. group "
+                    "%s and mode 0640)", user, ", ".join(unreadable), user, user)
 
 
 def serve(
@@ -107,14 +104,7 @@ def serve(
             server.server_close()
         raise
     try:
-        reader = probe if run_as is None else _WithoutTimeWait(probe)
-        if run_as is None:
-            try:
-                probe.time_wait()
-            except NamespaceAccessError as exc:  # e.g. CAP_BPF + CAP_PERFMON only
-                log.warning("%s: the TIME-WAIT gauge is not exported", exc)
-                reader = _WithoutTimeWait(probe)
-        collector = TcpstateCollector(reader, bcc_version=probe.bcc_version,
+        collector = TcpstateCollector(probe, bcc_version=probe.bcc_version,
                                       attach=probe.attach_kind)
         registry.register(collector)
         stats = probe.prog_stats()
@@ -129,12 +119,11 @@ def serve(
             from .privileges import drop_to
 
             drop_to(run_as)
-            log.info("running as %s with no capabilities: the TIME-WAIT gauge needs "
-                     "CAP_SYS_ADMIN and is not exported", run_as.pw_name)
+            log.info("running as %s with no capabilities", run_as.pw_name)
+            _warn_unreadable(web_config, run_as.pw_name)
         if dry_run:
             probe.read()
-            if reader.time_wait is not None:
-                reader.time_wait()
+            probe.time_wait()
             report(f"tcpstate: dry run ok: {loaded}; maps readable")
             return 0
         log.info("%s", loaded)

@@ -45,6 +45,7 @@ TLS_VERSIONS = {
 }
 TLS_KEYS = ("cert_file", "key_file", "client_auth_type", "client_ca_file",
             "min_version", "max_version", "cipher_suites")
+TLS_FILE_KEYS = ("cert_file", "key_file", "client_ca_file")
 # The toolkit's (Go's) names of the TLS 1.2 suites offered: forward-secret
 # (ECDHE) and AEAD only; static-RSA and CBC suites are refused by name.
 # TLS 1.3 suites are all forward-secret and not configurable, as in Go.
@@ -209,6 +210,7 @@ class WebConfig:
     tls: ssl.SSLContext | None = None
     auth: BasicAuth | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    files: tuple[Path, ...] = ()  # what a reload reads again: the file, its certificates
 
     @property
     def scheme(self) -> str:
@@ -387,9 +389,12 @@ def load_web_config(text: str) -> WebConfig:
     _only(top, ("tls_server_config", "http_server_config", "basic_auth_users"), "top level")
     base = path.resolve().parent
     tls_section = _mapping(top.get("tls_server_config"), "tls_server_config")
+    tls = _tls_context(tls_section, base) if tls_section else None
+    certificates = [_file(base, tls_section, key) for key in TLS_FILE_KEYS] if tls else []
     return WebConfig(
         path=path.absolute(),
-        tls=_tls_context(tls_section, base) if tls_section else None,
+        files=(path.absolute(), *(found for found in certificates if found is not None)),
+        tls=tls,
         auth=_basic_auth(_mapping(top.get("basic_auth_users"), "basic_auth_users")),
         headers=_headers(_mapping(top.get("http_server_config"), "http_server_config")),
     )

@@ -1,7 +1,8 @@
 """The privileges the deployment files grant are enough, and each is needed.
 
 deploy/systemd/tcpstate.service and deploy/kubernetes/daemonset.yaml grant
-tcpstate one list of capabilities (a unit test checks they agree). Here the
+tcpstate one list of capabilities (the DaemonSet all but CAP_SYS_ADMIN: a
+unit test checks they agree), and both drop them once attached (--run-as). Here the
 real daemon runs with exactly that list (setpriv: uid 0, a reduced bounding
 set, no_new_privs), and with one capability fewer to show why each is
 there. The unit's SystemCallFilter is checked against every system call the
@@ -22,11 +23,12 @@ import time
 
 import pytest
 
+from tracer.errors import EXIT_PRIVILEGES
 from tracer.metrics import SCRAPE_SUCCESS
 from tracer.prereq import DEFAULT_TRACEFS
 
 from ..unit.deploy_files import (
-    RUN_AS_DROP_IN,
+    RUN_AS_USER,
     UNIT,
     capabilities,
     daemonset_capabilities,
@@ -37,7 +39,8 @@ from ..unit.deploy_files import (
 from .exporter import Exporter
 
 UNIT_CAPABILITIES = capabilities(unit_entries(UNIT))
-RUN_AS_CAPABILITIES = capabilities(unit_entries(UNIT, RUN_AS_DROP_IN))
+DROP_CAPABILITIES = {"CAP_SETPCAP", "CAP_SETGID", "CAP_SETUID"}
+# The deployments' dedicated user is not on this host: tests run as nobody.
 NOBODY = 65534
 
 
@@ -96,22 +99,43 @@ def foreign_namespace():
         holder.wait()
 
 
-# Enters every network namespace (as the TIME-WAIT gauge and the start-up
-# count do) and prints the inode of each one entered.
+# Enters every network namespace with setns and prints the inode of each
+# one entered: how `ip netns` namespaces no process is in are read.
 WALK = ("import os; from tracer import netns; print(' '.join(map(str, netns.in_every_namespace("
         "lambda: os.stat('/proc/thread-self/ns/net').st_ino))))")
+# Reads every namespace as the TIME-WAIT gauge and the start-up count do,
+# and prints the namespace_id of each one read.
+EACH = ("from tracer import netns; print(' '.join(map(str, netns.each_namespace("
+        "netns.namespace_id))))")
 
 
-def test_unit_capabilities_reach_every_namespace(foreign_namespace):
+def test_without_any_capability_other_users_namespaces_are_read(foreign_namespace):
+    """A pod's namespace (its only process another user's) is read through
+    /proc/PID/net: neither CAP_SYS_PTRACE nor CAP_SYS_ADMIN is needed."""
+    holder = next(pid for pid in filter(str.isdigit, os.listdir("/proc"))
+                  if _ns_inode(pid) == foreign_namespace)
+    wanted = os.stat(f"/proc/{holder}/net/sockstat").st_ino
+    read = run_python(set(), EACH)
+    assert read.returncode == 0, read.stderr
+    assert str(wanted) in read.stdout.split()
+
+
+def _ns_inode(pid: str) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino
+    except OSError:
+        return None
+
+
+def test_without_sys_ptrace_the_setns_walk_misses_other_users_namespaces(foreign_namespace):
+    """Why CAP_SYS_PTRACE is gone with the setns walk: opening another
+    user's /proc/PID/ns/net needs it."""
     walked = run_python(UNIT_CAPABILITIES, WALK)
     assert walked.returncode == 0, walked.stderr
-    assert str(foreign_namespace) in walked.stdout.split()
-
-
-def test_without_sys_ptrace_other_users_namespaces_are_missed(foreign_namespace):
-    walked = run_python(UNIT_CAPABILITIES - {"CAP_SYS_PTRACE"}, WALK)
-    assert walked.returncode == 0, walked.stderr
     assert str(foreign_namespace) not in walked.stdout.split()
+    walked = run_python(UNIT_CAPABILITIES | {"CAP_SYS_PTRACE"}, WALK)
+    assert walked.returncode == 0, walked.stderr
+    assert str(foreign_namespace) in walked.stdout.split()
 
 
 def test_without_sys_admin_no_namespace_can_be_entered():
@@ -121,20 +145,31 @@ def test_without_sys_admin_no_namespace_can_be_entered():
     assert "Operation not permitted" in walked.stderr
 
 
-def test_without_sys_admin_serve_runs_and_says_what_it_misses():
-    """Loading needs only CAP_BPF and CAP_PERFMON: the start-up count falls
-    back to this namespace and the TIME-WAIT part is off, each said once in
-    a warning; no part fails scrape after scrape, no traceback."""
+@pytest.fixture
+def unheld_namespace():
+    """An `ip netns` namespace no process is in."""
+    name = f"tcpst-{os.getpid()}-unheld"
+    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def test_without_sys_admin_serve_exports_everything_and_says_what_it_misses(unheld_namespace):
+    """Loading needs only CAP_BPF and CAP_PERFMON; every namespace a process
+    is in is still counted, an `ip netns` one no process is in is left out,
+    said once by the loader (start-up count) and once by the server
+    (TIME-WAIT); no part fails scrape after scrape, no traceback."""
     exporter = Exporter()
     exporter.command = as_root_with(UNIT_CAPABILITIES - {"CAP_SYS_ADMIN"}, *exporter.command)
     with exporter:
-        assert _scrape_success(exporter) == {"bpf": 1.0}
-        assert _scrape_success(exporter) == {"bpf": 1.0}
+        assert _scrape_success(exporter) == {"bpf": 1.0, "time_wait": 1.0}
+        assert _scrape_success(exporter) == {"bpf": 1.0, "time_wait": 1.0}
     log = exporter.log()
     assert "Traceback" not in log and "failed" not in log
-    assert log.count("cannot enter the network namespace") == 2
-    assert "only this namespace's sockets that predate start are counted" in log
-    assert "the TIME-WAIT gauge is not exported" in log
+    assert log.count("cannot enter the network namespace") == 2, log
+    assert "namespaces that no process is in are left out" in log
 
 
 # Loads, attaches and reads the program, with no namespace walk.
@@ -167,16 +202,26 @@ def test_serve_with_the_unit_capabilities_exports_everything():
     assert "time_wait" in success
 
 
-def test_serve_with_the_run_as_drop_in_drops_everything_and_keeps_serving():
+def test_serve_with_the_unit_capabilities_and_run_as_drops_everything_and_keeps_serving():
     exporter = Exporter(f"--run-as={NOBODY}")
-    exporter.command = as_root_with(RUN_AS_CAPABILITIES, *exporter.command)
+    exporter.command = as_root_with(UNIT_CAPABILITIES, *exporter.command)
     with exporter:
         success = _scrape_success(exporter)
         with open(f"/proc/{exporter.process.pid}/status") as status:
             fields = dict(line.split(":", 1) for line in status)
     assert fields["Uid"].split() == [str(NOBODY)] * 4
     assert int(fields["CapEff"], 16) == int(fields["CapPrm"], 16) == 0
-    assert success == {"bpf": 1.0}  # the TIME-WAIT part is off, as run-as.conf says
+    assert success == {"bpf": 1.0, "time_wait": 1.0}  # read through /proc/PID/net
+
+
+def test_run_as_needs_the_drop_capabilities():
+    exporter = Exporter(f"--run-as={NOBODY}", "--dry-run")
+    for missing in sorted(DROP_CAPABILITIES):
+        result = subprocess.run(as_root_with(UNIT_CAPABILITIES - {missing}, *exporter.command),
+                                capture_output=True, text=True, timeout=180)
+        assert result.returncode == EXIT_PRIVILEGES, (missing, result.stderr)
+        assert result.stderr.splitlines()[-1].startswith("tcpstate: --run-as: cannot "), \
+            result.stderr
 
 
 def _syscall_names(filter_value: str, systemd_analyze: str) -> set[str]:
@@ -217,8 +262,9 @@ class TracedExporter(Exporter):
         return super().stop(sig, timeout)
 
 
-def test_every_system_call_is_in_the_unit_filter(tmp_path):
-    """What serve and the run-as drop start, load, scrape and stop with."""
+def test_every_system_call_is_in_the_unit_filter(tmp_path, unheld_namespace):
+    """What serve and the run-as drop start, load, scrape and stop with; an
+    `ip netns` namespace no process is in makes it call setns()."""
     strace = _debian_tool("strace", "strace")
     systemd_analyze = _debian_tool("systemd-analyze", "systemd")
     (allowed,) = unit_values(unit_entries(UNIT), "SystemCallFilter")
@@ -226,11 +272,10 @@ def test_every_system_call_is_in_the_unit_filter(tmp_path):
     (families,) = unit_values(unit_entries(UNIT), "RestrictAddressFamilies")
     assert unit_values(unit_entries(UNIT), "RestrictNamespaces") == ["net"]
     used: set[str] = set()
-    for args, caps in (((), UNIT_CAPABILITIES),
-                       ((f"--run-as={NOBODY}",), RUN_AS_CAPABILITIES)):
+    for args in ((), (f"--run-as={NOBODY}",)):
         trace = tmp_path / "strace.out"
         exporter = TracedExporter(*args)
-        exporter.command = as_root_with(caps, strace, "-f", "-qq", "-o", str(trace),
+        exporter.command = as_root_with(UNIT_CAPABILITIES, strace, "-f", "-qq", "-o", str(trace),
                                         *exporter.command)
         with exporter:
             exporter.scrape()
@@ -242,6 +287,11 @@ def test_every_system_call_is_in_the_unit_filter(tmp_path):
         # RestrictNamespaces=net lets setns() through only for CLONE_NEWNET.
         assert set(re.findall(r" setns\(\d+, ([^)]*)\)", text)) == {"CLONE_NEWNET"}
         assert set(re.findall(r" socket\((AF_[A-Z0-9]+)", text)) <= set(families.split())
+        if args:
+            # After the drop no bpf() call: the maps are read through memory
+            # mapped before it, so --run-as needs no newer kernel than serve.
+            after_drop = text[text.index(" setresuid("):]
+            assert re.search(r"^\d+ +bpf\(", after_drop, re.MULTILINE) is None
     # perf_event_open too on the classic tracepoint; the raw one attaches by bpf()
     assert {"bpf", "setns", "setresuid", "capset"} <= used
     assert used - allowed_names == set()
@@ -254,7 +304,11 @@ def test_entrypoint_serves_in_a_stand_in_for_the_daemonset_pod(staged):
     this process only). It runs the staged copy: the checkout may be under
     the /tmp the pod replaces."""
     container = daemonset_container()
-    assert daemonset_capabilities() == UNIT_CAPABILITIES
+    assert daemonset_capabilities() == UNIT_CAPABILITIES - {"CAP_SYS_ADMIN"}
+    # the image's user is not on this host
+    args = [f"--run-as={NOBODY}" if word == f"--run-as={RUN_AS_USER}" else word
+            for word in container["args"]]
+    assert args != container["args"]
     pod = "; ".join([
         "set -e",
         "mount -t tmpfs -o size=1m modules /lib/modules",
@@ -268,7 +322,7 @@ def test_entrypoint_serves_in_a_stand_in_for_the_daemonset_pod(staged):
     command = ["unshare", "--mount", "--propagation=private", "sh", "-c", pod, "pod",
                *as_root_with(daemonset_capabilities(), "env",
                              f"PATH={staged.tcpstate.parent}:/usr/bin:/bin",
-                             str(staged.entrypoint), *container["args"], "--dry-run")]
+                             str(staged.entrypoint), *args, "--dry-run")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr
     assert "using the image's headers linux-headers-" in result.stderr

@@ -400,8 +400,9 @@ def test_missing_prerequisite_has_its_own_message_and_exit_code(case, env, wrapp
      ["serve", "--dry-run", "--attach", "raw_tracepoint"],
      "this kernel lacks BPF raw tracepoints (Linux 4.17), feature raw_tracepoint: "
      "--attach raw_tracepoint needs it"),
-    ({"TCPSTATE_KERNEL_RELEASE": "6.4.16"}, ["serve", "--run-as", "nobody", "--dry-run"],
-     "Linux 6.4.16 is too old: --run-as needs map descriptors"),
+    ({"TCPSTATE_MISSING_FEATURES": "cmpxchg"}, ["serve", "--run-as", "nobody", "--dry-run"],
+     "this kernel lacks BPF compare-and-swap, BPF_CMPXCHG (Linux 5.12), feature cmpxchg: "
+     "serve counts"),
 ])
 def test_each_command_checks_the_kernel_it_needs(override, command, message):
     result = subprocess.run([TCPSTATE, *command], capture_output=True, text=True, timeout=120,

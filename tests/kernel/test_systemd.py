@@ -2,7 +2,7 @@
 
 A container (systemd-nspawn) boots the host's own Debian through a
 throw-away overlay into a target that wants only tcpstate.service; the unit
-file, the run-as drop-in and the sysusers file go into the overlay where
+file and the sysusers file go into the overlay where
 the README installs them, tcpstate's path /opt/tcpstate/bin/tcpstate is a
 link to the session's staged copy (staging.py: this checkout may be where
 the unit's ProtectHome= or PrivateTmp= hides it). The container shares the host's network, so the
@@ -26,14 +26,14 @@ import pytest
 from tracer.metrics import SCRAPE_SUCCESS
 from tracer.prereq import CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN
 
-from ..unit.deploy_files import RUN_AS_DROP_IN, SYSTEMD_DIR, UNIT
+from ..unit.deploy_files import RUN_AS_USER, SYSUSERS, UNIT
 from ..hygiene import STAND_IN_PREFIX
 from .exporter import Scrape, free_port, prog_ids_of
 from .test_least_privilege import _debian_tool
 
-CAP_SYS_PTRACE = 19
-UNIT_CAPABILITY_BITS = (1 << CAP_BPF) | (1 << CAP_PERFMON) | (1 << CAP_SYS_ADMIN) | (
-    1 << CAP_SYS_PTRACE)
+CAP_SETGID, CAP_SETUID, CAP_SETPCAP = 6, 7, 8
+UNIT_CAPABILITY_BITS = sum(1 << cap for cap in (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN, CAP_SETGID,
+                                                CAP_SETUID, CAP_SETPCAP))
 BOOT_SECONDS = 120
 
 
@@ -57,24 +57,24 @@ def _boot_script(root: Path) -> str:
 
 
 def _install(install: Path, port: int, run_as: bool, tcpstate: Path) -> None:
-    """The files, where the README's install steps put them."""
+    """The files, where the README's install steps put them; without
+    `run_as`, the environment file turns the unit's default drop off."""
     system = install / "etc" / "systemd" / "system"
     (system / "tcpstate.service.d").mkdir(parents=True)
     shutil.copy(UNIT, system / "tcpstate.service")
     # The service's log on the container's console, for the test's output.
     (system / "tcpstate.service.d" / "console.conf").write_text(
         "[Service]\nStandardOutput=journal+console\nStandardError=journal+console\n")
-    if run_as:
-        shutil.copy(RUN_AS_DROP_IN, system / "tcpstate.service.d" / RUN_AS_DROP_IN.name)
-        sysusers = install / "usr" / "lib" / "sysusers.d"
-        sysusers.mkdir(parents=True)
-        shutil.copy(SYSTEMD_DIR / "tcpstate.sysusers", sysusers / "tcpstate.conf")
+    sysusers = install / "usr" / "lib" / "sysusers.d"
+    sysusers.mkdir(parents=True)
+    shutil.copy(SYSUSERS, sysusers / "tcpstate.conf")
     (system / "tcpstate-test.target").write_text(
         "[Unit]\nDescription=tcpstate under test\nRequires=tcpstate.service\n"
         "After=tcpstate.service\n")
     (install / "etc" / "default").mkdir(parents=True)
     (install / "etc" / "default" / "tcpstate").write_text(
-        f'TCPSTATE_ARGS="--web.listen-address=127.0.0.1:{port}"\n')
+        f'TCPSTATE_ARGS="--web.listen-address=127.0.0.1:{port}"\n'
+        + ("" if run_as else "TCPSTATE_RUN_AS=\n"))
     (install / "opt" / "tcpstate" / "bin").mkdir(parents=True)
     (install / "opt" / "tcpstate" / "bin" / "tcpstate").symlink_to(tcpstate)
 
@@ -171,7 +171,7 @@ def _collector_success(port: int) -> dict[str, float]:
             for labels in scrape.series(SCRAPE_SUCCESS)}
 
 
-def test_unit_runs_with_only_its_capabilities_under_systemd(boot):
+def test_unit_kept_at_root_runs_with_only_its_capabilities_under_systemd(boot):
     container = boot(run_as=False)
     pid = _listener_pid(container.port)
     status = _status(pid)
@@ -189,20 +189,19 @@ def test_unit_runs_with_only_its_capabilities_under_systemd(boot):
     assert "internal error" not in log and "Traceback" not in log
 
 
-def test_run_as_drop_in_becomes_the_sysusers_user_under_systemd(boot):
+def test_unit_by_default_becomes_the_sysusers_user_under_systemd(boot):
     container = boot(run_as=True)
     pid = _listener_pid(container.port)
     status = _status(pid)
     uid = status["Uid"].split()[0]
     assert uid != "0" and status["Uid"].split() == [uid] * 4
     with open(f"/proc/{pid}/root/etc/passwd") as passwd:  # the container's
-        assert f"tcpstate:x:{uid}:" in passwd.read()
+        assert f"{RUN_AS_USER}:x:{uid}:" in passwd.read()
     assert int(status["CapEff"], 16) == int(status["CapPrm"], 16) == 0
     assert int(status["CapBnd"], 16) == 0
     assert prog_ids_of(pid), "the service holds no BPF program"
-    # As run-as.conf says: no capabilities, so the TIME-WAIT part is off
-    # (not failing, so no alert fires on it).
-    assert _collector_success(container.port) == {"bpf": 1.0}
+    # No capabilities, and still every namespace a process is in
+    assert _collector_success(container.port) == {"bpf": 1.0, "time_wait": 1.0}
     log = container.poweroff()
-    assert "running as tcpstate with no capabilities" in log
+    assert f"running as {RUN_AS_USER} with no capabilities" in log
     assert "received SIGTERM, stopping" in log

@@ -1,5 +1,5 @@
 """Reads the deployment files under deploy/: the systemd unit with its
-drop-in and environment file, the Kubernetes manifests and the container
+sysusers and environment files, the Kubernetes manifests and the container
 recipe, as the tests of deploy/ (unit and kernel) need them."""
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 SYSTEMD_DIR = ROOT / "deploy" / "systemd"
 UNIT = SYSTEMD_DIR / "tcpstate.service"
-RUN_AS_DROP_IN = SYSTEMD_DIR / "run-as.conf"
+SYSUSERS = SYSTEMD_DIR / "tcpstate.sysusers"
+# The dedicated user the unit and the image's --run-as become once attached.
+RUN_AS_USER = "tcpstate"
 ENVIRONMENT_FILE = SYSTEMD_DIR / "tcpstate.default"
 KUBERNETES_DIR = ROOT / "deploy" / "kubernetes"
 KUSTOMIZATION = KUBERNETES_DIR / "kustomization.yaml"
@@ -86,6 +88,10 @@ def environment_file_examples(name: str = "TCPSTATE_ARGS") -> list[str]:
             words = shlex.split(line.partition("=")[2])
             values.append(" ".join(words))
     return values
+
+
+def run_as_words(argv: list[str]) -> list[str]:
+    return [word for word in argv if word.startswith("--run-as")]
 
 
 def manifest_files() -> list[Path]:

@@ -139,8 +139,8 @@ def test_a_failing_part_drops_its_data_and_reports_zero(part):
 
 
 def test_time_wait_turned_off_is_neither_exported_nor_failing():
-    """Under --run-as the TIME-WAIT count is off: no gauge, and no failing
-    part for an alert to fire on forever."""
+    """A reader without a TIME-WAIT count: no gauge, and no failing part
+    for an alert to fire on forever."""
     reader = example_reader()
     reader.time_wait = None
     value = registry_for(reader).get_sample_value

@@ -1,6 +1,6 @@
 """The deployment files (deploy/) are valid and say what the CLI really does.
 
-- the systemd unit, alone and with its run-as drop-in, passes
+- the systemd unit passes
   `systemd-analyze verify` with nothing at all on stderr (it exits 0 on a
   misspelled key, printing only a warning);
 - the core Kubernetes objects pass `kubernetes-validate --strict` for the
@@ -43,7 +43,8 @@ from .deploy_files import (
     KUBERNETES_DIR,
     KUSTOMIZATION,
     ROOT,
-    RUN_AS_DROP_IN,
+    RUN_AS_USER,
+    SYSUSERS,
     UNIT,
     capabilities,
     containerfile_instructions,
@@ -55,6 +56,7 @@ from .deploy_files import (
     manifest,
     manifest_files,
     manifests,
+    run_as_words,
     unit_entries,
     unit_values,
 )
@@ -104,9 +106,8 @@ def _verify(systemd_analyze: str, tmp_path: Path, drop_ins: list[Path]):
                           capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("drop_ins", [[], [RUN_AS_DROP_IN]], ids=["unit", "unit+run-as"])
-def test_unit_verifies_without_a_word(systemd_analyze, tmp_path, drop_ins):
-    result = _verify(systemd_analyze, tmp_path, drop_ins)
+def test_unit_verifies_without_a_word(systemd_analyze, tmp_path):
+    result = _verify(systemd_analyze, tmp_path, [])
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
 
@@ -131,11 +132,15 @@ def _serve_flags() -> set[str]:
 
 
 def parse_serve(argv: list[str]):
-    """argparse takes an unambiguous prefix of a flag: require the full one."""
+    """argparse takes an unambiguous prefix of a flag: require the full one.
+    --run-as looks its user up while parsing: the dedicated user becomes one
+    every host has."""
     assert argv[0] == "serve"
     for word in argv[1:]:
         if word.startswith("--"):
             assert word.partition("=")[0] in _serve_flags(), word
+    dedicated = f"--run-as={RUN_AS_USER}"
+    argv = ["--run-as=nobody" if word == dedicated else word for word in argv]
     return build_parser().parse_args(argv)
 
 
@@ -176,26 +181,53 @@ def test_environment_file_sets_the_variable_the_unit_reads():
     assert unit_values(unit_entries(UNIT), "EnvironmentFile") == ["-/etc/default/tcpstate"]
 
 
-def test_run_as_drop_in_command_line_is_real_flags():
-    argv = _unit_argv("", (RUN_AS_DROP_IN,))
-    (run_as,) = [word for word in argv if word.startswith("--run-as=")]
-    assert run_as == "--run-as=tcpstate"  # the user of tcpstate.sysusers
-    assert "u tcpstate " in (RUN_AS_DROP_IN.parent / "tcpstate.sysusers").read_text()
-    # The flag looks the user up while parsing: take one every host has.
-    argv[argv.index(run_as)] = "--run-as=nobody"
-    assert parse_serve(argv[1:]).run_as.pw_name == "nobody"
+def test_unit_runs_as_the_dedicated_user_by_default():
+    argv = _unit_argv("")
+    assert run_as_words(argv) == [f"--run-as={RUN_AS_USER}"]
+    assert parse_serve(argv[1:]).run_as is not None
+    assert f"u {RUN_AS_USER} " in SYSUSERS.read_text()
+    # the environment file may turn it off (systemd: EnvironmentFile= wins)
+    entries = unit_entries(UNIT)
+    assert [key for _, key, _ in entries].index("Environment") < [
+        key for _, key, _ in entries].index("EnvironmentFile")
+    assert environment_file_examples("TCPSTATE_RUN_AS") == [""]
+    kept_root = exec_start(entries, {**environment(entries), "TCPSTATE_RUN_AS": ""})
+    assert run_as_words(kept_root) == []
 
 
-def test_run_as_drop_in_adds_only_what_dropping_root_needs():
-    unit_only = capabilities(unit_entries(UNIT))
-    with_drop_in = capabilities(unit_entries(UNIT, RUN_AS_DROP_IN))
-    assert with_drop_in - unit_only == {"CAP_SETPCAP", "CAP_SETGID", "CAP_SETUID"}
+def test_unit_bounding_set_holds_what_the_drop_needs_and_no_ptrace():
+    unit = capabilities(unit_entries(UNIT))
+    assert {"CAP_SETPCAP", "CAP_SETGID", "CAP_SETUID"} <= unit
+    assert "CAP_SYS_PTRACE" not in unit  # /proc/PID/net needs no ptrace access
+    assert unit_values(unit_entries(UNIT), "AmbientCapabilities") == []
 
 
-def test_unit_and_daemonset_grant_the_same_capabilities():
-    """One measured list (tests/kernel/test_least_privilege.py proves it)."""
-    assert capabilities(unit_entries(UNIT)) == daemonset_capabilities()
+def test_daemonset_grants_the_unit_capabilities_but_sys_admin():
+    """One measured list (tests/kernel/test_least_privilege.py proves it);
+    CAP_SYS_ADMIN reaches `ip netns` namespaces, and the pod sees no host
+    /run/netns."""
+    assert daemonset_capabilities() == capabilities(unit_entries(UNIT)) - {"CAP_SYS_ADMIN"}
     assert daemonset_container()["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    mounts = {mount["mountPath"] for mount in daemonset_container()["volumeMounts"]}
+    assert not any(path.startswith(("/run", "/var/run")) for path in mounts)
+
+
+def test_daemonset_and_image_run_as_the_image_user_without_unconfined_apparmor():
+    assert run_as_words(daemonset_container()["args"]) == [f"--run-as={RUN_AS_USER}"]
+    cmd = json.loads(dict(containerfile_instructions())["CMD"])
+    assert run_as_words(cmd) == [f"--run-as={RUN_AS_USER}"]
+    (run,) = [arguments for keyword, arguments in containerfile_instructions()
+              if keyword == "RUN"]
+    assert re.search(rf"useradd --system .*\b{RUN_AS_USER}\b", run)
+    security = daemonset_container()["securityContext"]
+    assert security["appArmorProfile"] == {"type": "RuntimeDefault"}
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+
+
+def test_readme_runs_as_a_dedicated_user_not_nobody():
+    readme = (ROOT / "README.md").read_text()
+    assert not re.search(r"--run-as[ =]+nobody", readme)
+    assert f"--run-as={RUN_AS_USER}" in readme or f"--run-as {RUN_AS_USER}" in readme
 
 
 # ---- Kubernetes --------------------------------------------------------------------

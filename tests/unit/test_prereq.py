@@ -6,7 +6,7 @@ import pytest
 
 from tracer.errors import EXIT_HEADERS, EXIT_KERNEL_VERSION, PrerequisiteError
 from tracer.features import CMPXCHG, MMAPABLE, RINGBUF
-from tracer.prereq import (RUN_AS_NEEDS, SERVE_NEEDS, TRACE_NEEDS, check_headers,
+from tracer.prereq import (SERVE_NEEDS, TRACE_NEEDS, check_headers,
                            check_kernel, parse_release)
 
 
@@ -23,17 +23,6 @@ def test_versions_compare_as_numbers_not_text():
     with pytest.raises(PrerequisiteError) as refused:
         check_kernel("5.11.19", ((5, 12), "a need"))
     assert refused.value.exit_code == EXIT_KERNEL_VERSION
-
-
-@pytest.mark.parametrize("release, ok", [
-    ("6.4.0", False), ("6.5.0", True), ("6.18.0-1-amd64", True), ("custom", True),
-])
-def test_run_as_has_its_minimum_version(release, ok):
-    if ok:
-        check_kernel(release, RUN_AS_NEEDS)
-    else:
-        with pytest.raises(PrerequisiteError, match=f"Linux {release} is too old"):
-            check_kernel(release, RUN_AS_NEEDS)
 
 
 def test_the_commands_need_the_features_their_programs_use():
