@@ -193,12 +193,11 @@ def run(args: argparse.Namespace) -> int:
                                          attachment))
         if args.dry_run:
             print(f"tcpstate: {features.summary()}")
-        else:
-            logging.getLogger(__name__).info("%s", features.summary())
         from .serve import serve
 
         code = serve(
             loading=loading,
+            features=features.summary(),
             listen_address=args.listen_address,
             telemetry_path=args.telemetry_path,
             service_ports=args.service_ports,

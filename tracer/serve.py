@@ -74,6 +74,7 @@ def serve(
     report: Callable[[str], None] = print,
     max_requests: int = DEFAULT_MAX_REQUESTS,
     loading: Loading | None = None,
+    features: str = "",
 ) -> int:
     """`run_as` is a pwd entry (tracer.privileges.lookup_user) or None."""
     # A signal goes to any thread that does not block it, and Python runs
@@ -114,6 +115,7 @@ def serve(
             f"socket table {probe.table_capacity} sockets, "
             f"loader peak {probe.loader_peak_kib / 1024:.0f} MiB, "
             f"service ports {','.join(map(str, service_ports)) or 'none'})"
+            + (f"; {features}" if features else "")
         )
         if run_as is not None:
             from .privileges import drop_to

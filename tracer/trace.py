@@ -255,7 +255,6 @@ def trace(args: argparse.Namespace) -> int:
     features = kernel_features()
     attachment = choose_attachment(args.attach, features=features)
     check_all(needs=TRACE_NEEDS, features=features, attach=attachment.kind)
-    log.info("%s", features.summary())
     stop = _Stop()
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
@@ -270,9 +269,10 @@ def trace(args: argparse.Namespace) -> int:
     try:
         reader = RingBufferReader(probe.ring_buffer_fd(), pages * os.sysconf("SC_PAGE_SIZE"),
                                   EVENT)
-        log.info("tracing the %s (prog id %s, ring buffer %d pages); filters: %s",
+        log.info("tracing the %s (prog id %s, ring buffer %d pages); filters: %s; %s",
                  probe.attachment.describe(),
-                 probe.prog_stats().get("prog_id"), pages, filters.describe())
+                 probe.prog_stats().get("prog_id"), pages, filters.describe(),
+                 features.summary())
         output.write(formatter.header())
         session = _Session(reader, formatter, output, args.count)
         deadline = time.monotonic() + args.duration if args.duration else None
