@@ -16,6 +16,8 @@ from typing import Mapping, Sequence
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from .netlab import scaled
+
 TCPSTATE = str(Path(sys.executable).with_name("tcpstate"))
 
 
@@ -86,7 +88,7 @@ class Exporter:
     def start(self, timeout: float = 60.0) -> "Exporter":
         self.process = subprocess.Popen(self.command, env=self.env, stdout=subprocess.DEVNULL,
                                         stderr=self._log, text=True)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + scaled(timeout)
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"tcpstate exited {self.process.returncode}: {self.log()}")
@@ -134,7 +136,7 @@ class Exporter:
             return self.process.returncode if self.process else 0
         self.process.send_signal(sig)
         try:
-            return self.process.wait(timeout)
+            return self.process.wait(scaled(timeout))
         except subprocess.TimeoutExpired:
             self.process.kill()
             return self.process.wait()
