@@ -8,7 +8,7 @@ script on the host for the host's kernel. Results are read from the files
 the script writes, never from a console. A VM that outlives --timeout is
 killed and reported as a failure. One line per kernel at the end.
 
-    python -m tests.vm.matrix [--only SUBSTRING] [--no-host] [--timeout S]
+    python -m tests.vm.matrix [--only SUBSTRING] [--no-host] [--jobs N] [--timeout S]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ElementTree
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,11 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=CHECKOUT / "build" / "test-kernels")
     parser.add_argument("--only", default="", help="run only kernels whose release contains this")
     parser.add_argument("--no-host", action="store_true", help="skip the host's own kernel")
-    parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per kernel")
+    parser.add_argument("--timeout", type=float, default=1800.0,
+                        help="seconds per kernel (a VM took 1061 s on a busy machine)")
     parser.add_argument("--scale", type=float, default=10.0,
                         help="factor for the tests' waits inside a VM")
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--memory", default="2G")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="kernels run at once (an emulated VM keeps about one core busy)")
     args = parser.parse_args(argv)
 
     kernels = [k for k in cached_kernels(args.cache) if args.only in k.name]
@@ -185,15 +189,18 @@ def main(argv: list[str] | None = None) -> int:
               "`deploy/setup.sh kernels`)", file=sys.stderr)
         return 2
     started = time.monotonic()
-    outcomes = []
-    for kernel in kernels:
+
+    def run_and_say(kernel: Kernel) -> Outcome:
         print(f"test-kernels: {kernel.name} ({'vm' if kernel.image else 'host'}) ...", flush=True)
         outcome = run_one(kernel, args.cache, args.results, args)
         print(f"test-kernels: {outcome.line()}", flush=True)
-        outcomes.append(outcome)
+        return outcome
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        outcomes = list(pool.map(run_and_say, kernels))
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(f"\ntest-kernels: {len(outcomes)} kernels in {time.monotonic() - started:.0f} s, "
-          f"largest process {peak:.0f} MiB; logs in {args.results}")
+    print(f"\ntest-kernels: {len(outcomes)} kernels in {time.monotonic() - started:.0f} s "
+          f"({args.jobs} at once), largest process {peak:.0f} MiB; logs in {args.results}")
     for outcome in outcomes:
         print(f"  {outcome.line()}")
     passed = sum(o.passed for o in outcomes)
