@@ -24,13 +24,15 @@ def test_counts_come_from_the_files_and_a_skip_is_a_failure(tmp_path):
     (tmp_path / "dry-run.txt").write_text("tcpstate: dry run ok: loaded and attached to "
                                           "sock:inet_sock_set_state in 3.1s\n")
     (tmp_path / "junit.xml").write_text(JUNIT)
+    (tmp_path / "stages").write_text("start 100.0\ndry-run 150.5\npytest 400.5\n")
     (tmp_path / "done").touch()
-    outcome = Outcome(Kernel("6.1.0-57-amd64", tmp_path / "vmlinuz"))
+    outcome = Outcome(Kernel("6.1.0-57-amd64", tmp_path / "vmlinuz"), seconds=300)
     read_results(outcome, tmp_path)
     assert (outcome.release, outcome.passed, outcome.failed) == ("6.1.0-57-amd64", 2, 2)
     assert outcome.failures == ["test_b", "test_c (skipped)"]
     assert outcome.attach == "unknown" and not outcome.problem
-    assert outcome.line().startswith("6.1.0-57-amd64 (vm): 2 passed, 2 failed, attach: unknown")
+    assert outcome.line().startswith("6.1.0-57-amd64 (vm): 2 passed, 2 failed, attach: unknown, "
+                                     "300 s (dry-run 50, pytest 250, rest 0)")
 
 
 def test_attach_path_is_read_from_the_dry_run(tmp_path):

@@ -53,12 +53,18 @@ class Outcome:
     failures: list[str] = field(default_factory=list)
     attach: str = "unknown"
     seconds: float = 0.0
+    stages: dict[str, float] = field(default_factory=dict)  # seconds of each guest stage
     problem: str = ""        # why the run itself failed, if it did
 
     def line(self) -> str:
         where = "vm" if self.kernel.image else "host"
         text = (f"{self.release} ({where}): {self.passed} passed, {self.failed} failed, "
                 f"attach: {self.attach}, {self.seconds:.0f} s")
+        if self.stages:
+            # the rest of the time: booting and powering off
+            rest = max(0.0, self.seconds - sum(self.stages.values()))
+            shares = [f"{name} {seconds:.0f}" for name, seconds in self.stages.items()]
+            text += f" ({', '.join(shares)}, rest {rest:.0f})"
         if self.problem:
             text += f"; {self.problem}"
         if self.failures:
@@ -116,6 +122,10 @@ def read_results(outcome: Outcome, results: Path) -> None:
             return ""
 
     outcome.release = text("release") or outcome.kernel.name
+    # "stage unix-time" lines: each stage lasted from the line before it
+    stamps = [line.split() for line in text("stages").splitlines()]
+    for (_, begun), (stage, ended) in zip(stamps, stamps[1:]):
+        outcome.stages[stage] = float(ended) - float(begun)
     dry_run = text("dry-run.txt")
     if text("dry-run.rc") == "0":
         outcome.passed += 1
