@@ -87,6 +87,7 @@ def vm_command(kernel: Kernel, cache: Path, results: Path, args) -> list[str]:
     return [
         str(Path(sys.executable).with_name("vng")), "--run", str(kernel.image),
         "--disable-kvm",
+        "--verbose",  # the kernel's messages in console.log, for a VM that hangs
         # 9p: Debian 12's qemu has no virtiofsd that virtme-ng can drive
         "--force-9p",
         "--cpus", str(args.cpus), "--memory", args.memory,
@@ -123,7 +124,8 @@ def read_results(outcome: Outcome, results: Path) -> None:
 
     outcome.release = text("release") or outcome.kernel.name
     # "stage unix-time" lines: each stage lasted from the line before it
-    stamps = [line.split() for line in text("stages").splitlines()]
+    stamps = [line.split() for line in text("stages").splitlines()
+              if re.fullmatch(r"\S+ \d+(\.\d+)?", line)]  # not a line cut short by a kill
     for (_, begun), (stage, ended) in zip(stamps, stamps[1:]):
         outcome.stages[stage] = float(ended) - float(begun)
     dry_run = text("dry-run.txt")
