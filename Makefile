@@ -4,7 +4,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 VENV := .venv
 
-.PHONY: setup setup-test run test unit bench bench-quick dashboards clean
+.PHONY: setup setup-test setup-kernels run test test-kernels unit bench bench-quick dashboards clean
 
 setup:
 	@MAKE_TARGET=run deploy/setup.sh run
@@ -18,6 +18,15 @@ run: setup
 test: setup-test
 	$(VENV)/bin/tcpstate serve --dry-run
 	$(VENV)/bin/python -m pytest -ra $(PYTEST_ARGS) tests
+
+# tcpstate on Debian 12's 6.1 and Debian's 6.12 kernels in VMs, and on the
+# host's kernel (tests/vm/); the first run downloads the kernels.
+KERNELS_ARGS ?=
+setup-kernels:
+	@MAKE_TARGET=test-kernels deploy/setup.sh kernels
+
+test-kernels: setup-kernels
+	$(VENV)/bin/python -m tests.vm.matrix $(KERNELS_ARGS)
 
 unit: setup-test
 	$(VENV)/bin/python -m pytest -ra $(PYTEST_ARGS) tests/unit

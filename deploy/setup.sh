@@ -3,17 +3,21 @@
 #   deploy/setup.sh run    what `tcpstate serve` needs (also the container's recipe)
 #   deploy/setup.sh test   that, plus what the tests and benchmarks need
 #   deploy/setup.sh system like run, without the project's venv (containers)
+#   deploy/setup.sh kernels like test, plus QEMU, virtme-ng and the kernels
+#                          that `make test-kernels` boots (deploy/fetch-kernels.sh)
 # Must run as root: it installs packages, links kernel headers, mounts tracefs.
 set -euo pipefail
 
 mode=${1:-run}
-case "$mode" in run | test | system) ;; *)
-  echo "usage: $0 [run|test|system]" >&2
+case "$mode" in run | test | system | kernels) ;; *)
+  echo "usage: $0 [run|test|system|kernels]" >&2
   exit 2
   ;;
 esac
 here=$(cd "$(dirname "$0")/.." && pwd)
 say() { echo "setup: $*"; }
+testing=  # what the tests need, too
+case "$mode" in test | kernels) testing=1 ;; esac
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "setup: must run as root (it installs packages and mounts tracefs):" \
@@ -23,7 +27,7 @@ fi
 
 # ---- Debian packages -------------------------------------------------------
 packages=(python3-bpfcc python3-venv python3-pip iproute2 kmod)
-if [ "$mode" = test ]; then
+if [ -n "$testing" ]; then
   packages+=(prometheus bpftool bpfcc-tools prometheus-node-exporter procps curl gcc libc6-dev)
   # the deployment tests: systemd-analyze, systemd-nspawn, strace
   packages+=(systemd systemd-container strace)
@@ -31,6 +35,11 @@ if [ "$mode" = test ]; then
   command -v node >/dev/null && command -v npm >/dev/null || packages+=(nodejs npm)
   # bench/: bcc's tcpstates compiles only against Debian 12's own 6.1 headers
   packages+=("linux-headers-$(dpkg --print-architecture)")
+fi
+if [ "$mode" = kernels ]; then
+  # virtme-ng boots the kernels with QEMU (TCG) and builds its initramfs
+  # with busybox; it reads a kernel image's release with file
+  packages+=(qemu-system-x86 busybox-static file)
 fi
 missing=()
 for package in "${packages[@]}"; do
@@ -125,6 +134,7 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import bcc" 2>/dev/nu
 fi
 extras=""
 [ "$mode" = test ] && extras="[test]"
+[ "$mode" = kernels ] && extras="[test,vm]"
 stamp=$venv/.installed$extras
 if [ ! -f "$stamp" ] || [ "$here/pyproject.toml" -nt "$stamp" ] || [ ! -x "$venv/bin/tcpstate" ]; then
   say "pip install -e .$extras"
@@ -140,7 +150,7 @@ else
   say "venv up to date: $venv"
 fi
 
-if [ "$mode" = test ]; then
+if [ -n "$testing" ]; then
   validator=$here/deploy/kubernetes/validate
   if [ ! -d "$validator/node_modules/@kubernetes-models/prometheus-operator" ]; then
     say "npm ci --prefix $validator"
@@ -148,4 +158,8 @@ if [ "$mode" = test ]; then
   else
     say "node modules present in $validator"
   fi
+fi
+
+if [ "$mode" = kernels ]; then
+  "$here/deploy/fetch-kernels.sh"
 fi

@@ -16,6 +16,8 @@ from typing import Mapping, Sequence
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from .netlab import scaled
+
 TCPSTATE = str(Path(sys.executable).with_name("tcpstate"))
 
 
@@ -87,7 +89,7 @@ class Exporter:
         # its own process group: stop() ends whatever the command started too
         self.process = subprocess.Popen(self.command, env=self.env, stdout=subprocess.DEVNULL,
                                         stderr=self._log, text=True, start_new_session=True)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + scaled(timeout)
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"tcpstate exited {self.process.returncode}: {self.log()}")
@@ -139,7 +141,7 @@ class Exporter:
             if self.process.poll() is None:
                 self.process.send_signal(sig)
                 try:
-                    self.process.wait(timeout)
+                    self.process.wait(scaled(timeout))
                 except subprocess.TimeoutExpired:
                     self.process.kill()
                     self.process.wait()

@@ -19,6 +19,9 @@ from typing import Callable, Iterator
 
 CLONE_NEWNET = 0x40000000
 PREFIX = "tcpst-"
+# A factor for the tests' waits: tests/vm sets it in emulated VMs, where
+# everything, loading the BPF program first, is many times slower.
+TIME_SCALE = "TCPSTATE_TEST_TIME_SCALE"
 _libc = ctypes.CDLL(None, use_errno=True)
 _serial = itertools.count()
 
@@ -138,9 +141,19 @@ class Lab:
         return Counter(SS_STATES[line.split()[0]] for line in out.splitlines() if line.strip())
 
 
+def scaled(seconds: float) -> float:
+    """`seconds` times the factor in TCPSTATE_TEST_TIME_SCALE (default 1)."""
+    factor = os.environ.get(TIME_SCALE, "1")
+    try:
+        return seconds * float(factor)
+    except ValueError:
+        raise ValueError(f"{TIME_SCALE}={factor!r} is not a number") from None
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float = 5.0,
              interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
+    """Polls until `predicate` holds or `timeout` (scaled) has passed."""
+    deadline = time.monotonic() + scaled(timeout)
     while time.monotonic() < deadline:
         if predicate():
             return True

@@ -30,7 +30,7 @@ import pytest
 from tracer.states import BY_NAME, FAMILIES as FAMILY_NAMES
 
 from .exporter import TCPSTATE
-from .netlab import Lab, inside, run
+from .netlab import Lab, inside, run, scaled
 
 _ports = itertools.count(47100)
 # Clients bind ports of their own, below the ephemeral range (32768-60999),
@@ -196,7 +196,7 @@ class Trace:
     def __enter__(self) -> "Trace":
         self.process = subprocess.Popen(self.command, stdout=self.stdout,
                                         stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + scaled(60)
         while time.monotonic() < deadline:
             line = self.process.stderr.readline()
             if not line:
@@ -208,13 +208,13 @@ class Trace:
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 30) -> Result:
         """Wait a moment for the timer-driven drain, signal, collect."""
-        time.sleep(0.2)
+        time.sleep(scaled(0.2))
         if self.process.poll() is None:
             self.process.send_signal(sig)
         return self.wait(timeout)
 
     def wait(self, timeout: float = 30) -> Result:
-        stdout, stderr = self.process.communicate(timeout=timeout)
+        stdout, stderr = self.process.communicate(timeout=scaled(timeout))
         return Result(self.process.returncode, stdout or "", "".join(self._stderr) + stderr)
 
     def __exit__(self, *exc) -> None:

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One kernel's part of `make test-kernels`: runs inside each VM (and on the
+# host for the host's own kernel). `tcpstate serve --dry-run`, then the
+# tests of SELECTION, with CI=true so that a kernel test that cannot run
+# fails instead of skipping. Everything goes to files in RESULTS, which
+# tests/vm/matrix.py reads: a console may interleave, files do not.
+#   usage: guest.sh RESULTS [TIME_SCALE]
+set -uo pipefail
+
+results=$1
+scale=${2:-1}
+checkout=$(cd "$(dirname "$0")/../.." && pwd)
+
+# exact counts: client closes first, refused, reset, each over IPv4 and IPv6;
+# trace: a port filter
+SELECTION=(
+  "tests/kernel/test_serve.py::test_every_transition_counted_exactly[client_closes_first-ipv4]"
+  "tests/kernel/test_serve.py::test_every_transition_counted_exactly[client_closes_first-ipv6]"
+  "tests/kernel/test_serve.py::test_every_transition_counted_exactly[refused-ipv4]"
+  "tests/kernel/test_serve.py::test_every_transition_counted_exactly[refused-ipv6]"
+  "tests/kernel/test_serve.py::test_every_transition_counted_exactly[reset-ipv4]"
+  "tests/kernel/test_serve.py::test_every_transition_counted_exactly[reset-ipv6]"
+  "tests/kernel/test_trace.py::test_port_filter_either_end_and_or_of_repeats"
+)
+
+stamp() { echo "$1 $(date +%s.%N)" >>"$results/stages"; }
+
+cd "$checkout" || exit 1
+stamp start
+uname -r >"$results/release"
+[ -d /sys/kernel/tracing/events ] || mount -t tracefs tracefs /sys/kernel/tracing
+# the checkout is read-only in a VM: no bytecode, no pytest cache
+export CI=true PYTHONDONTWRITEBYTECODE=1 TCPSTATE_TEST_TIME_SCALE=$scale
+
+.venv/bin/tcpstate serve --dry-run >"$results/dry-run.txt" 2>&1
+echo $? >"$results/dry-run.rc"
+stamp dry-run
+
+.venv/bin/python -m pytest -p no:cacheprovider -ra --junitxml="$results/junit.xml" \
+  "${SELECTION[@]}" >"$results/pytest.txt" 2>&1
+echo $? >"$results/pytest.rc"
+stamp pytest
+touch "$results/done"
