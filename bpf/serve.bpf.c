@@ -139,17 +139,14 @@ static __always_inline void untracked_add(u32 index)
         __sync_fetch_and_add(value, 1);
 }
 
-#define TAKE_ATTEMPTS 16
 /* Take one from a shared count, never below zero. The program may not use
  * an atomic add's result here (no BPF_FETCH from bcc's clang), so it
  * compares and swaps; each failure means another CPU changed the count,
- * so the loop ends within a few tries unless many CPUs hit one cell at
- * once, which is counted. Returns false when the count was zero. */
+ * so the loop ends within a few tries unless dozens of CPUs hit one cell
+ * at once, which is counted. Returns false when the count was zero. */
 static __always_inline bool take_one(u32 cpu, s64 *value)
 {
-    /* Unrolled: Linux 6.1's verifier refuses this loop's back-edge. */
-#pragma unroll
-    for (int attempt = 0; attempt < TAKE_ATTEMPTS; attempt++) {
+    for (int attempt = 0; attempt < 64; attempt++) {
         s64 seen = *value;
         if (seen <= 0)
             return false;

@@ -215,7 +215,7 @@ class TcpstateCollector(Collector):
              "tcpstate_bpf_missed_events_total: the kernel did not report it."),
             (m.CONTENDED, "contended",
              "Decrements of a shared count (untracked sockets, listeners per port) that "
-             "gave up after repeated compare-and-swaps lost to other CPUs: each may leave that "
+             "gave up after 64 compare-and-swaps lost to other CPUs: each may leave that "
              "count one too high."),
         ):
             yield CounterMetricFamily(m.family_name(name), text, value=counters[key])
