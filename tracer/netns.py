@@ -69,19 +69,19 @@ def namespace_paths() -> list[str]:
     return list(seen.values())
 
 
-def in_every_namespace(read: Callable[[], _T]) -> list[_T]:
-    """Call `read` once inside each network namespace, entered with setns
-    (CAP_SYS_ADMIN, and CAP_SYS_PTRACE for other users' processes); what
-    each_namespace() reads without entering. Namespaces that vanish while we
-    walk (or paths that are no namespace) are skipped; one we may not enter
-    raises NamespaceAccessError."""
-    results: list[_T] = []
+def _walk(paths: list[str], visit: Callable[[], None],
+          refused: Callable[[str, int], None]) -> None:
+    """In a thread of its own, enter each namespace file of `paths` with
+    setns and call `visit` there; `refused(path, errno)` decides what an
+    EPERM means (raise, or warn); other failures (a path that vanished or is
+    no namespace, a stale /run/netns file) are skipped. An error is raised
+    in the caller's thread."""
     failure: list[BaseException] = []
 
     def walk() -> None:
         home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
         try:
-            for path in namespace_paths():
+            for path in paths:
                 try:
                     fd = os.open(path, os.O_RDONLY)
                 except OSError:
@@ -90,12 +90,12 @@ def in_every_namespace(read: Callable[[], _T]) -> list[_T]:
                     _setns(fd)
                 except OSError as exc:
                     if exc.errno == errno.EPERM:
-                        raise NamespaceAccessError(path, exc.errno) from None
-                    continue  # not a namespace (a stale /run/netns file, say)
+                        refused(path, exc.errno)
+                    continue
                 finally:
                     os.close(fd)
-                results.append(read())
-        except BaseException as exc:  # reported in the caller's thread
+                visit()
+        except BaseException as exc:
             failure.append(exc)
         finally:
             try:
@@ -109,6 +109,18 @@ def in_every_namespace(read: Callable[[], _T]) -> list[_T]:
     worker.join()
     if failure:
         raise failure[0]
+
+
+def in_every_namespace(read: Callable[[], _T]) -> list[_T]:
+    """Call `read` once inside each network namespace; namespaces that
+    vanish while we walk (or paths that are no namespace) are skipped; one
+    we may not enter raises NamespaceAccessError."""
+    results: list[_T] = []
+
+    def refused(path: str, err: int) -> None:
+        raise NamespaceAccessError(path, err)
+
+    _walk(namespace_paths(), lambda: results.append(read()), refused)
     return results
 
 
@@ -124,49 +136,21 @@ _refusal_warned = threading.Event()  # one warning a process: pods come and go
 def _named_namespaces(read: Callable[[str], _T], seen: set[int]) -> dict[int, _T]:
     """`read` inside each /run/netns namespace not in `seen` (no process
     holds it), entered with setns; a refused one is warned about once."""
-    names = glob.glob("/run/netns/*")
     results: dict[int, _T] = {}
-    if not names:
-        return results
-    failure: list[BaseException] = []
 
-    def walk() -> None:
-        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-        try:
-            for path in names:
-                try:
-                    fd = os.open(path, os.O_RDONLY)
-                except OSError:
-                    continue  # removed meanwhile (or unreadable: setns would be refused too)
-                try:
-                    _setns(fd)
-                except OSError as exc:
-                    if exc.errno == errno.EPERM and not _refusal_warned.is_set():
-                        _refusal_warned.set()
-                        log.warning("%s: the sockets of `ip netns` namespaces that no "
-                                    "process is in are left out (warned once)",
-                                    NamespaceAccessError(path, exc.errno))
-                    continue  # not a namespace (a stale /run/netns file, say)
-                finally:
-                    os.close(fd)
-                inode = namespace_id()
-                if inode not in seen:
-                    seen.add(inode)
-                    results[inode] = read(OWN_NET)
-        except BaseException as exc:  # reported in the caller's thread
-            failure.append(exc)
-        finally:
-            try:
-                _setns(home)  # tidy only: the thread ends here, and with it its namespace
-            except OSError:
-                pass
-            os.close(home)
+    def visit() -> None:
+        inode = namespace_id()
+        if inode not in seen:
+            seen.add(inode)
+            results[inode] = read(OWN_NET)
 
-    worker = threading.Thread(target=walk, name="tcpstate-netns", daemon=True)
-    worker.start()
-    worker.join()
-    if failure:
-        raise failure[0]
+    def refused(path: str, err: int) -> None:
+        if not _refusal_warned.is_set():
+            _refusal_warned.set()
+            log.warning("%s: the sockets of `ip netns` namespaces that no process is in "
+                        "are left out (warned once)", NamespaceAccessError(path, err))
+
+    _walk(glob.glob("/run/netns/*"), visit, refused)
     return results
 
 
