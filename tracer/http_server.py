@@ -360,6 +360,11 @@ class Admission:
                 self._open[key].busy = False
                 self._open[key].since = time.monotonic() if now is None else now
 
+    def rehandle(self, key: Hashable, handle: object) -> None:
+        with self._lock:
+            if key in self._open:
+                self._open[key].handle = handle
+
     def release(self, key: Hashable) -> None:
         """Before the socket is closed: a freed descriptor number must never
         be shed on behalf of the connection that had it."""
@@ -383,15 +388,16 @@ class Admission:
             return [entry.handle for entry in self._open.values()]
 
 
-def _shut(fd: int) -> None:
-    """Wake the thread blocked on this connection: it reads end-of-file."""
-    sock = socket.socket(fileno=fd)
+def _shut(connection: socket.socket) -> None:
+    """Wake the thread blocked on this connection: it reads end-of-file.
+    By the socket object, never its descriptor number: its own thread may
+    have closed it meanwhile, and the number may belong to another
+    connection by now. The plain socket's shutdown, also for TLS: the
+    connection is ending, there is no TLS goodbye to say."""
     try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
+        socket.socket.shutdown(connection, socket.SHUT_RDWR)
+    except OSError:  # closed already
         pass
-    finally:
-        sock.detach()
 
 
 class _RequestReader(io.RawIOBase):
@@ -493,8 +499,8 @@ class _Server(ThreadingHTTPServer):
         """Make serve_until_stopped() return (from another thread), and wake
         every connection's thread: each reads end-of-file and ends."""
         os.write(self._wake_write, b"x")
-        for fd in self.connections.handles():
-            _shut(fd)
+        for connection in self.connections.handles():
+            _shut(connection)
 
     def reload(self) -> bool:
         """Read --web.config.file again (SIGHUP): the new file and its
@@ -533,7 +539,7 @@ class _Server(ThreadingHTTPServer):
 
     def process_request(self, request, client_address) -> None:
         admitted, victim = self.connections.admit(id(request), source_of(client_address),
-                                                  request.fileno())
+                                                  request)
         if victim is not None:
             _shut(victim)
             log.debug("connection limit %d reached: shed one of the greediest source",
@@ -590,6 +596,7 @@ class _Handler(BaseHTTPRequestHandler):
             raw.sendall(_PLAIN_HTTP_TO_TLS)
             raise _NotTls()
         tls = context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+        self.server.connections.rehandle(self._key, tls)  # wrapping emptied `raw`
         try:
             tls.do_handshake()
         except BaseException:

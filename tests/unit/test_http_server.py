@@ -24,7 +24,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily
 
-from tracer.http_server import (MAX_CONNECTIONS, MAX_CONNECTIONS_PER_SOURCE, Admission,
+from tracer.http_server import (MAX_CONNECTIONS, MAX_CONNECTIONS_PER_SOURCE, Admission, _shut,
                                 FrontCollector, Request, SharedScrapes, Site, bind)
 from tracer.webconfig import BasicAuth, WebConfig, load_web_config
 
@@ -248,6 +248,26 @@ def test_a_scraper_on_its_own_address_gets_in_beside_a_full_house_of_busy_scrape
         blocking.release.set()
         for sock in flood:
             sock.close()
+
+
+def test_shedding_a_connection_its_thread_just_closed_spares_the_reused_descriptor():
+    """stop() and shedding wake connections from another thread: the
+    connection's own thread may have closed it meanwhile, and a new
+    connection may have its descriptor number. (CI once failed with EBADF
+    here when the shedding went by number.)"""
+    listener = socket.create_server(("127.0.0.1", 0))
+    with listener:
+        closed = socket.create_connection(listener.getsockname())
+        number = closed.fileno()
+        listener.accept()[0].close()
+        closed.close()
+        reused = socket.create_connection(listener.getsockname())
+        peer, _ = listener.accept()
+        with reused, peer:
+            assert reused.fileno() == number  # the lowest free number
+            _shut(closed)
+            peer.sendall(b"still here")
+            assert reused.recv(16) == b"still here"
 
 
 def test_a_get_with_a_body_is_refused_and_closed_nothing_hides_behind_it(serve):

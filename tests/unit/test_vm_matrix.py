@@ -4,8 +4,11 @@ attach path found or not, and a hung run killed at its timeout."""
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 from tests.vm.matrix import Kernel, Outcome, read_results, run_with_timeout
 
@@ -73,3 +76,15 @@ def test_a_failed_exit_names_the_console(tmp_path):
     problem = run_with_timeout([sys.executable, "-c", "raise SystemExit(3)"],
                                tmp_path / "console.log", 30, dict(os.environ))
     assert problem.startswith("exited 3 (console: ")
+
+
+def test_every_test_the_guest_selects_exists():
+    """A renamed test must not leave the kernel matrix running nothing."""
+    guest = Path(__file__).parents[1] / "vm" / "guest.sh"
+    selection = re.findall(r'^\s+"(tests/[^"]+)"$', guest.read_text(), re.MULTILINE)
+    assert selection
+    collected = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+         *selection], capture_output=True, text=True, cwd=guest.parents[2])
+    assert collected.returncode == 0, collected.stdout[-2000:] + collected.stderr[-2000:]
+    assert f"{len(selection)} tests collected" in collected.stdout

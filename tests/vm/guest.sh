@@ -14,12 +14,12 @@ checkout=$(cd "$(dirname "$0")/../.." && pwd)
 # exact counts: client closes first, refused, reset, each over IPv4 and IPv6;
 # trace: a port filter
 SELECTION=(
-  "tests/kernel/test_serve.py::test_every_transition_counted_exactly[client_closes_first-ipv4]"
-  "tests/kernel/test_serve.py::test_every_transition_counted_exactly[client_closes_first-ipv6]"
-  "tests/kernel/test_serve.py::test_every_transition_counted_exactly[refused-ipv4]"
-  "tests/kernel/test_serve.py::test_every_transition_counted_exactly[refused-ipv6]"
-  "tests/kernel/test_serve.py::test_every_transition_counted_exactly[reset-ipv4]"
-  "tests/kernel/test_serve.py::test_every_transition_counted_exactly[reset-ipv6]"
+  "tests/kernel/test_serve.py::test_every_transition_counted_exactly_on_both_paths[client_closes_first-ipv4]"
+  "tests/kernel/test_serve.py::test_every_transition_counted_exactly_on_both_paths[client_closes_first-ipv6]"
+  "tests/kernel/test_serve.py::test_every_transition_counted_exactly_on_both_paths[refused-ipv4]"
+  "tests/kernel/test_serve.py::test_every_transition_counted_exactly_on_both_paths[refused-ipv6]"
+  "tests/kernel/test_serve.py::test_every_transition_counted_exactly_on_both_paths[reset-ipv4]"
+  "tests/kernel/test_serve.py::test_every_transition_counted_exactly_on_both_paths[reset-ipv6]"
   "tests/kernel/test_trace.py::test_port_filter_either_end_and_or_of_repeats"
 )
 
