@@ -34,7 +34,7 @@ static __always_inline void count(u32 cpu, int which)
 }
 
 #ifdef RAW_TRACEPOINT
-#define TCP_PROTOS 4
+#define TCP_PROTOS 4 /* tcp_proto_known() and tcp_proto_learn() spell out each */
 /* struct proto addresses seen on TCP sockets: the few TCP has (v4, v6, and
  * MPTCP's subflow variants), learned as the program meets them. */
 struct tcp_protos {
@@ -42,32 +42,38 @@ struct tcp_protos {
 };
 BPF_ARRAY(tcp_protos, struct tcp_protos, 1);
 
+/* No loops in this file: Linux 6.1's verifier refuses a loop that clang
+ * enters in its middle (its back-edge is then a fall-through: "back-edge
+ * from insn N to N+1"), and clang does not unroll every loop that
+ * `#pragma unroll` asks it to (one with a compare-and-swap it did not).
+ * So repeats are written out. */
 static __always_inline bool tcp_proto_known(u64 proto)
 {
     u32 zero = 0;
     struct tcp_protos *known = tcp_protos.lookup(&zero);
     if (!known || !proto)
         return false;
-#pragma unroll
-    for (int i = 0; i < TCP_PROTOS; i++) {
-        if (known->proto[i] == proto)
-            return true;
-    }
-    return false;
+    return known->proto[0] == proto || known->proto[1] == proto ||
+           known->proto[2] == proto || known->proto[3] == proto;
+}
+
+/* Puts proto in an empty slot; true once the slot holds proto (another CPU
+ * may have put it there first), false if it holds another. */
+static __always_inline bool proto_claim(u64 *slot, u64 proto)
+{
+    u64 was = *slot;
+    if (was == 0)
+        was = __sync_val_compare_and_swap(slot, 0, proto);
+    return was == 0 || was == proto;
 }
 
 static __always_inline void tcp_proto_learn(u64 proto)
 {
     u32 zero = 0;
     struct tcp_protos *known = tcp_protos.lookup(&zero);
-    if (!known)
-        return;
-#pragma unroll
-    for (int i = 0; i < TCP_PROTOS; i++) {
-        if (known->proto[i] == 0 &&
-            __sync_val_compare_and_swap(&known->proto[i], 0, proto) == 0)
-            return;
-    }
+    if (known && !proto_claim(&known->proto[0], proto) &&
+        !proto_claim(&known->proto[1], proto) && !proto_claim(&known->proto[2], proto))
+        proto_claim(&known->proto[3], proto);
 }
 #endif
 
@@ -142,17 +148,27 @@ static __always_inline void untracked_add(u32 index)
 /* Take one from a shared count, never below zero. The program may not use
  * an atomic add's result here (no BPF_FETCH from bcc's clang), so it
  * compares and swaps; each failure means another CPU changed the count,
- * so the loop ends within a few tries unless dozens of CPUs hit one cell
- * at once, which is counted. Returns false when the count was zero. */
+ * so it succeeds within a few tries unless many CPUs hit one cell at once:
+ * after TAKE_TRIES it gives up, and that is counted. Written out, not a
+ * loop (see tcp_proto_known). Returns false when the count was zero. */
+#define TAKE_TRY()                                                          \
+    do {                                                                    \
+        seen = *value;                                                      \
+        if (seen <= 0)                                                      \
+            return false;                                                   \
+        if (__sync_val_compare_and_swap(value, seen, seen - 1) == seen)     \
+            return true;                                                    \
+    } while (0)
+#define TAKE_TRY4() do { TAKE_TRY(); TAKE_TRY(); TAKE_TRY(); TAKE_TRY(); } while (0)
+#define TAKE_TRIES 16
+
 static __always_inline bool take_one(u32 cpu, s64 *value)
 {
-    for (int attempt = 0; attempt < 64; attempt++) {
-        s64 seen = *value;
-        if (seen <= 0)
-            return false;
-        if (__sync_val_compare_and_swap(value, seen, seen - 1) == seen)
-            return true;
-    }
+    s64 seen;
+    TAKE_TRY4();
+    TAKE_TRY4();
+    TAKE_TRY4();
+    TAKE_TRY4();
     count(cpu, C_CONTENDED);
     return true;
 }

@@ -35,19 +35,23 @@ def test_counts_come_from_the_files_and_a_skip_is_a_failure(tmp_path):
     assert outcome.failures == ["test_b", "test_c (skipped)"]
     assert outcome.attach == "unknown" and not outcome.problem
     assert outcome.line().startswith("6.1.0-57-amd64 (vm): 2 passed, 2 failed, attach: unknown, "
-                                     "300 s (dry-run 50, pytest 250, rest 0)")
+                                     "features: unknown, 300 s (dry-run 50, pytest 250, rest 0)")
 
 
-def test_attach_path_is_read_from_the_dry_run(tmp_path):
-    for said, path in (
+def test_attach_path_and_features_are_read_from_the_dry_run(tmp_path):
+    for said, path, features in (
             ("tcpstate: dry run ok: loaded and attached to the raw tracepoint "
-             "inet_sock_set_state in 52.1s (prog id 7, ...); maps readable\n", "raw_tracepoint"),
-            ("tcpstate: dry run ok: loaded and attached to the tracepoint "
-             "sock:inet_sock_set_state in 3.1s (prog id 8, ...); maps readable\n", "tracepoint")):
+             "inet_sock_set_state in 52.1s (prog id 7, ...); kernel features: raw_tracepoint "
+             "cmpxchg mmapable ringbuf btf; maps readable\n", "raw_tracepoint",
+             "raw_tracepoint cmpxchg mmapable ringbuf btf"),
+            ("tcpstate: kernel features: cmpxchg mmapable ringbuf\n"
+             "tcpstate: dry run ok: loaded and attached to the tracepoint "
+             "sock:inet_sock_set_state in 3.1s (prog id 8, ...); maps readable\n", "tracepoint",
+             "cmpxchg mmapable ringbuf")):
         (tmp_path / "dry-run.txt").write_text(said)
         outcome = Outcome(Kernel("host", None))
         read_results(outcome, tmp_path)
-        assert outcome.attach == path
+        assert (outcome.attach, outcome.features) == (path, features)
 
 
 def test_a_run_that_wrote_nothing_fails_with_a_reason(tmp_path):

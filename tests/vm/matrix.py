@@ -35,6 +35,8 @@ DEFAULT_CACHE = "/var/cache/tcpstate/kernels"
 # `serve --dry-run`: "loaded and attached to the raw tracepoint NAME" (or
 # "the tracepoint CATEGORY:NAME" on the classic path)
 ATTACH_PATH = re.compile(r"attached to the (raw tracepoint|tracepoint) ")
+# and the features its probes found: "kernel features: raw_tracepoint cmpxchg ..."
+FEATURES = re.compile(r"kernel features: ([a-z0-9_ ]+)")
 
 
 @dataclass
@@ -51,6 +53,7 @@ class Outcome:
     failed: int = 0
     failures: list[str] = field(default_factory=list)
     attach: str = "unknown"
+    features: str = "unknown"
     seconds: float = 0.0
     stages: dict[str, float] = field(default_factory=dict)  # seconds of each guest stage
     problem: str = ""        # why the run itself failed, if it did
@@ -58,7 +61,7 @@ class Outcome:
     def line(self) -> str:
         where = "vm" if self.kernel.image else "host"
         text = (f"{self.release} ({where}): {self.passed} passed, {self.failed} failed, "
-                f"attach: {self.attach}, {self.seconds:.0f} s")
+                f"attach: {self.attach}, features: {self.features}, {self.seconds:.0f} s")
         if self.stages:
             # the rest of the time: booting and powering off
             rest = max(0.0, self.seconds - sum(self.stages.values()))
@@ -136,6 +139,9 @@ def read_results(outcome: Outcome, results: Path) -> None:
     found = ATTACH_PATH.search(dry_run)
     if found:
         outcome.attach = found[1].replace(" ", "_")
+    found = FEATURES.search(dry_run)
+    if found:
+        outcome.features = found[1].strip()
     try:
         suite = ElementTree.parse(results / "junit.xml").getroot()
     except (OSError, ElementTree.ParseError):
