@@ -101,11 +101,24 @@ else
     fi
     flavour=${pick#linux-headers-}
     common=${flavour%-"$arch"}-common
-    dpkg-query -W -f='${Status}' "$pick" 2>/dev/null | grep -q "install ok installed" ||
-      apt_install "$pick"
+    # Downloaded and unpacked, not installed: the headers package depends on
+    # its kernel image, whose hooks would rebuild the initramfs.
+    unpacked=/var/cache/tcpstate/headers/$flavour
+    if [ ! -f "$unpacked/complete" ]; then
+      rm -rf "$unpacked"
+      mkdir -p "$unpacked/debs"
+      say "apt-get download $pick linux-headers-$common (unpacked into $unpacked)"
+      (cd "$unpacked/debs" &&
+        apt-get download -qq -o APT::Sandbox::User=root "$pick" "linux-headers-$common")
+      for deb in "$unpacked"/debs/*.deb; do
+        dpkg-deb -x "$deb" "$unpacked/root"
+      done
+      rm -rf "$unpacked/debs"
+      touch "$unpacked/complete"
+    fi
     mkdir -p "$modules"
-    ln -sfn "/usr/src/linux-headers-$flavour" "$modules/build"
-    ln -sfn "/usr/src/linux-headers-$common" "$modules/source"
+    ln -sfn "$unpacked/root/usr/src/linux-headers-$flavour" "$modules/build"
+    ln -sfn "$unpacked/root/usr/src/linux-headers-$common" "$modules/source"
     echo "setup: WARNING: no headers package for kernel $release; linked the nearest," \
       "$pick, as $modules/build and source (tcpstate reads no kernel struct by offset)"
   fi
