@@ -12,6 +12,8 @@ TRANSITIONS = f"{PREFIX}_transitions_total"
 STATE_DURATION = f"{PREFIX}_state_duration_seconds"
 CONNECTION_DURATION = f"{PREFIX}_connection_duration_seconds"
 SOCKETS = f"{PREFIX}_sockets"
+SOCKET_STATE_AGE = f"{PREFIX}_socket_state_age_seconds"
+SOCKET_STATE_AGE_UNKNOWN = f"{PREFIX}_socket_state_age_unknown"
 STATE_INFO = f"{PREFIX}_state_info"
 SOCKET_TABLE_ENTRIES = f"{PREFIX}_socket_table_entries"
 SOCKET_TABLE_CAPACITY = f"{PREFIX}_socket_table_capacity"
@@ -72,10 +74,25 @@ def slot_of_ns(ns: int) -> int:
     return min(bits - BUCKET_MIN_LOG2, NBUCKETS - 1)
 
 
+def slots_of_ns(ns):
+    """slot_of_ns over a numpy array of nanoseconds: the first slot whose
+    bound is >= ns (the top slot past the last finite bound)."""
+    import numpy as np
+
+    finite_bounds = np.array([1 << (BUCKET_MIN_LOG2 + slot) for slot in range(NBUCKETS - 1)],
+                             dtype=np.int64)
+    return np.searchsorted(finite_bounds, np.asarray(ns, dtype=np.int64), side="left")
+
+
+# CLOSE-WAIT sockets older than this are stuck (TcpstateCloseWaitStuck): the
+# bucket bound nearest 10 minutes (2**39 ns = 549.755813888 s).
+CLOSE_WAIT_STUCK_SECONDS = min(BUCKET_BOUNDS_SECONDS[:-1], key=lambda bound: abs(bound - 600))
+
 # ---- label sets --------------------------------------------------------
 TRANSITION_LABELS = ("family", "old_state", "new_state")
 CONNECTION_LABELS = ("family", "side")
 SOCKETS_LABELS = ("family", "state")
+SOCKET_STATE_AGE_LABELS = ("family", "state")
 STATE_INFO_LABELS = ("state", "kernel_code", "mib_code", "rfc793_name")
 BUILD_INFO_LABELS = ("version", "bcc_version", "kernel", "attach")
 PORT_LABEL = "port"
