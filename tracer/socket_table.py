@@ -49,10 +49,11 @@ class MappedTable:
         self._rows = np.frombuffer(self._mapping, dtype, count=rows)
 
     def read(self) -> tuple[np.ndarray, np.ndarray]:
-        """A copy of every way: (keys, entries), flat. A way is live when
-        its key and its state are both non-zero (state 0: being claimed)."""
-        rows = self._rows.copy()
-        return rows["sk"].reshape(-1), rows["entry"].reshape(-1)
+        """Every way, (keys, entries), flat: views of the live table, which
+        the program changes meanwhile (select, then copy: live_entries). A
+        way is live when its key and its state are both non-zero (state 0:
+        being claimed)."""
+        return self._rows["sk"].reshape(-1), self._rows["entry"].reshape(-1)
 
     def close(self) -> None:
         self._rows = None
@@ -63,6 +64,13 @@ def live_mask(keys: np.ndarray, entries: np.ndarray) -> np.ndarray:
     return (keys != 0) & (entries["state"] != 0) & (entries["state"] < NSTATES)
 
 
+def live_entries(keys: np.ndarray, entries: np.ndarray) -> np.ndarray:
+    """A copy of the live entries. An entry released between the test and
+    the copy is dropped by testing its copy's state again."""
+    live = entries[live_mask(keys, entries)]
+    return live[(live["state"] != 0) & (live["state"] < NSTATES)]
+
+
 def age_histogram(keys: np.ndarray, entries: np.ndarray, now_ns: int,
                   port_slots: int) -> tuple[np.ndarray, np.ndarray]:
     """How long the table's live sockets have been in their state, filed in
@@ -70,7 +78,7 @@ def age_histogram(keys: np.ndarray, entries: np.ndarray, now_ns: int,
     counts [p, f, s, slot] (not cumulative) and the sums in ns [p, f, s].
     An age is `now_ns - entered_ns` on CLOCK_MONOTONIC (bpf_ktime_get_ns);
     one entered after `now_ns` was read counts as 0."""
-    live = entries[live_mask(keys, entries)]
+    live = live_entries(keys, entries)
     ages = np.maximum(now_ns - live["entered_ns"].astype(np.int64), 0)
     cell = ((live["port_slot"].astype(np.int64) % port_slots) * NFAMILIES
             + (live["family"] & 1)) * NSTATES + live["state"]
