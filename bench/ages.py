@@ -1,0 +1,126 @@
+"""Ages in state and `tcpstate sockets` at scale (issue 16's speed
+targets), in figure 4's setup: idle connections held open in the lab's
+namespace (two sockets each), one `tcpstate serve` with the service ports.
+
+- What the age histogram adds to a scrape: the collector's own code
+  (tracer.socket_table.age_histogram) timed on serve's real table, mapped
+  in this process through the query socket, beside the scrape's total and
+  its `bpf` part (which includes it). Target: <= 30 ms at 100,000 sockets.
+- `tcpstate sockets` answer time, the whole command as a user runs it
+  (interpreter start, table, /proc, owners, output). Target: < 1 s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from tracer import metrics as m
+from tracer.query_socket import fetch_table
+from tracer.socket_table import MappedTable, age_histogram, live_entries
+
+from . import measure
+from .configs import TCPSTATE, Scraper, Serve
+from .lab import SERVICE_PORTS, Lab
+
+REPEATS = 20
+ANSWERS = 5
+
+
+def _collector_bpf_ms(body: str) -> float:
+    for line in body.splitlines():
+        if line.startswith(m.SCRAPE_DURATION) and 'collector="bpf"' in line:
+            return 1000 * float(line.rsplit(" ", 1)[1])
+    return float("nan")
+
+
+def _age_histogram_ms(query: str, port_slots: int) -> tuple[float, int]:
+    description, fd = fetch_table(query)
+    table = MappedTable(fd, description["rows"], description["ways"])
+    os.close(fd)
+    try:
+        times = []
+        for _ in range(REPEATS):
+            started = time.perf_counter()
+            age_histogram(*table.read(), time.monotonic_ns(), port_slots)
+            times.append(time.perf_counter() - started)
+        live = len(live_entries(*table.read()))
+    finally:
+        table.close()
+    return 1000 * measure.median(times), live
+
+
+def _answer(query: str, *args: str) -> tuple[float, str]:
+    started = time.perf_counter()
+    result = subprocess.run([TCPSTATE, "sockets", "--query-socket", query, *args],
+                            capture_output=True, text=True, timeout=120)
+    took = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"tcpstate sockets failed: {result.stderr.strip()}")
+    return took, result.stdout
+
+
+def socket_ages(lab: Lab, settings) -> dict:
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="tcpstate-ages-") as directory:
+        query = str(Path(directory) / "serve.sock")
+        with Serve(SERVICE_PORTS, args=("--query-socket", query)) as serve:
+            scraper = Scraper(serve.exporter.port)
+            try:
+                for held in (0, max(settings.held)):
+                    holding = lab.holding(held) if held else contextlib.nullcontext(
+                        {"ports": [], "open_seconds": 0.0})
+                    with holding as opened:
+                        time.sleep(0.5)
+                        scrapes, bpf_parts = [], []
+                        for _ in range(REPEATS):
+                            took, body = scraper.get()
+                            scrapes.append(took)
+                            bpf_parts.append(_collector_bpf_ms(body))
+                        ages_ms, live = _age_histogram_ms(query, 1 + len(SERVICE_PORTS))
+                        answers = [_answer(query, "--state", "established")[0]
+                                   for _ in range(ANSWERS)]
+                        _, listed = _answer(query, "--state", "established", "--json")
+                        rows = [json.loads(line) for line in listed.splitlines()]
+                        held_ports = set(opened["ports"])
+                        ours = [row for row in rows if row["local_port"] in held_ports
+                                or row["remote_port"] in held_ports]
+                        results[held] = {
+                            "sockets": 2 * held, "table_live_entries": live,
+                            "scrape_ms": 1000 * measure.median(scrapes),
+                            "collector_bpf_ms": measure.median(bpf_parts),
+                            "age_histogram_ms": ages_ms,
+                            "sockets_answer_s": measure.median(answers),
+                            "sockets_answers_s": answers,
+                            "listed_established": len(rows),
+                            "listed_held_with_owner": sum(1 for row in ours if row["pid"]),
+                        }
+            finally:
+                scraper.close()
+    return {"by_connections": results}
+
+
+def render(data: dict, figures: dict, out, failures: list[str]) -> list[str]:
+    lines = ["### Ages in state and `tcpstate sockets` (figure 4's setup)", "",
+             "Idle connections held open in the lab namespace, `tcpstate serve "
+             "--service-ports ...`. Age histogram: `age_histogram()` (the collector's code) "
+             f"on serve's mapped table, median of {REPEATS}; scrape: whole /metrics GET, "
+             f"median of {REPEATS}; `tcpstate sockets --state established`: the whole "
+             f"command, median of {ANSWERS}.", "",
+             "| sockets | live table entries | age histogram (ms) | scrape (ms) | "
+             "collector `bpf` part (ms) | `tcpstate sockets` (s) | listed / held with owner |",
+             "|--:|--:|--:|--:|--:|--:|--:|"]
+    for held, row in data["by_connections"].items():
+        lines.append(f"| {row['sockets']:,} | {row['table_live_entries']:,} | "
+                     f"{row['age_histogram_ms']:.1f} | {row['scrape_ms']:.1f} | "
+                     f"{row['collector_bpf_ms']:.1f} | {row['sockets_answer_s']:.2f} | "
+                     f"{row['listed_established']:,} / {row['listed_held_with_owner']:,} |")
+        if row["sockets"] and row["listed_held_with_owner"] < row["sockets"]:
+            failures.append(f"tcpstate sockets listed {row['listed_held_with_owner']} of the "
+                            f"{row['sockets']} held sockets with their owner")
+    return lines
