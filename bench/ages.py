@@ -3,7 +3,7 @@ targets), in figure 4's setup: idle connections held open in the lab's
 namespace (two sockets each), one `tcpstate serve` with the service ports.
 
 - What the age histogram adds to a scrape: the collector's own code
-  (tracer.socket_table.age_histogram) timed on serve's real table, mapped
+  (MappedTable.live_entries and age_histogram) timed on serve's real table, mapped
   in this process through the query socket, beside the scrape's total and
   its `bpf` part (which includes it). Target: <= 30 ms at 100,000 sockets.
 - `tcpstate sockets` answer time, the whole command as a user runs it
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tracer import metrics as m
 from tracer.query_socket import fetch_table
-from tracer.socket_table import MappedTable, age_histogram, live_entries
+from tracer.socket_table import MappedTable, age_histogram
 
 from . import measure
 from .configs import TCPSTATE, Scraper, Serve
@@ -47,9 +47,9 @@ def _age_histogram_ms(query: str, port_slots: int) -> tuple[float, int]:
         times = []
         for _ in range(REPEATS):
             started = time.perf_counter()
-            age_histogram(*table.read(), time.monotonic_ns(), port_slots)
+            age_histogram(table.live_entries(), time.monotonic_ns(), port_slots)
             times.append(time.perf_counter() - started)
-        live = len(live_entries(*table.read()))
+        live = len(table.live_entries())
     finally:
         table.close()
     return 1000 * measure.median(times), live

@@ -75,13 +75,14 @@ def slot_of_ns(ns: int) -> int:
 
 
 def slots_of_ns(ns):
-    """slot_of_ns over a numpy array of nanoseconds: the first slot whose
-    bound is >= ns (the top slot past the last finite bound)."""
+    """slot_of_ns over a numpy array of nanoseconds. (ns - 1).bit_length()
+    is frexp's exponent, exact for every value up to 2**53 ns (104 days),
+    and past the last finite bound (2**BUCKET_MAX_LOG2) all land in the
+    top slot anyway."""
     import numpy as np
 
-    finite_bounds = np.array([1 << (BUCKET_MIN_LOG2 + slot) for slot in range(NBUCKETS - 1)],
-                             dtype=np.int64)
-    return np.searchsorted(finite_bounds, np.asarray(ns, dtype=np.int64), side="left")
+    _, bits = np.frexp(np.maximum(np.asarray(ns, dtype=np.int64) - 1, 0).astype(np.float64))
+    return np.clip(bits.astype(np.int64) - BUCKET_MIN_LOG2, 0, NBUCKETS - 1)
 
 
 # CLOSE-WAIT sockets older than this are stuck (TcpstateCloseWaitStuck): the

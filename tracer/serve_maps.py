@@ -150,8 +150,7 @@ class ServeMaps:
         live = tracked + untracked
         ages = {}
         if self.table is not None:
-            keys, entries = self.table.read()
-            buckets, sums = age_histogram(keys, entries, time.monotonic_ns(),
+            buckets, sums = age_histogram(self.table.live_entries(), time.monotonic_ns(),
                                           self.layout["live_tracked"].shape[0])
             ages = dict(age_buckets=buckets, age_sum_ns=sums,
                         age_unknown=np.maximum(untracked, 0))

@@ -36,52 +36,55 @@ def row_dtype(ways: int) -> np.dtype:
     return np.dtype([("sk", "<u8", (ways,)), ("entry", ENTRY_DTYPE, (ways,))])
 
 
+ENTRY_WORDS = ENTRY_DTYPE.itemsize // 8
+
+
 class MappedTable:
     """The socket table, mapped read-only into this process."""
 
     def __init__(self, fd: int, rows: int, ways: int):
         self.rows, self.ways = rows, ways
-        dtype = row_dtype(ways)
-        length = rows * dtype.itemsize
+        length = rows * row_dtype(ways).itemsize
         page = os.sysconf("SC_PAGE_SIZE")
         self._mapping = mmap.mmap(fd, -(-length // page) * page, mmap.MAP_SHARED,
                                   mmap.PROT_READ)
-        self._rows = np.frombuffer(self._mapping, dtype, count=rows)
+        self._words = np.frombuffer(self._mapping, np.uint64, count=length // 8).reshape(
+            rows, -1)
 
-    def read(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every way, (keys, entries), flat: views of the live table, which
-        the program changes meanwhile (select, then copy: live_entries). A
-        way is live when its key and its state are both non-zero (state 0:
-        being claimed)."""
-        return self._rows["sk"].reshape(-1), self._rows["entry"].reshape(-1)
+    def live_entries(self) -> np.ndarray:
+        return live_entries(self._words, self.ways)
 
     def close(self) -> None:
-        self._rows = None
+        self._words = None
         self._mapping.close()
 
 
-def live_mask(keys: np.ndarray, entries: np.ndarray) -> np.ndarray:
-    return (keys != 0) & (entries["state"] != 0) & (entries["state"] < NSTATES)
+def live_entries(words: np.ndarray, ways: int) -> np.ndarray:
+    """A copy of the live entries (ENTRY_DTYPE) of a table given as its
+    64-bit words, [row, word] (`ways` keys, then `ways` entries of 3 words).
+    A way is live when its key and its state are both non-zero (state 0:
+    being claimed). The program changes the table meanwhile: the keys are
+    read first, then only the live ways' entries (one gather: a scan of
+    every entry's state costs several times more), then their states are
+    tested on the copy."""
+    live = np.flatnonzero(words[:, :ways] != 0)
+    row, way = np.divmod(live, ways)
+    first = row * words.shape[1] + ways + way * ENTRY_WORDS
+    gathered = words.reshape(-1).take(first[:, None] + np.arange(ENTRY_WORDS))
+    entries = np.ascontiguousarray(gathered).view(ENTRY_DTYPE).reshape(-1)
+    return entries[(entries["state"] != 0) & (entries["state"] < NSTATES)]
 
 
-def live_entries(keys: np.ndarray, entries: np.ndarray) -> np.ndarray:
-    """A copy of the live entries. An entry released between the test and
-    the copy is dropped by testing its copy's state again."""
-    live = entries[live_mask(keys, entries)]
-    return live[(live["state"] != 0) & (live["state"] < NSTATES)]
-
-
-def age_histogram(keys: np.ndarray, entries: np.ndarray, now_ns: int,
+def age_histogram(entries: np.ndarray, now_ns: int,
                   port_slots: int) -> tuple[np.ndarray, np.ndarray]:
-    """How long the table's live sockets have been in their state, filed in
-    the kernel's duration slots per (port slot, family, state): the slot
+    """How long the live sockets `entries` have been in their state, filed
+    in the kernel's duration slots per (port slot, family, state): the slot
     counts [p, f, s, slot] (not cumulative) and the sums in ns [p, f, s].
     An age is `now_ns - entered_ns` on CLOCK_MONOTONIC (bpf_ktime_get_ns);
     one entered after `now_ns` was read counts as 0."""
-    live = live_entries(keys, entries)
-    ages = np.maximum(now_ns - live["entered_ns"].astype(np.int64), 0)
-    cell = ((live["port_slot"].astype(np.int64) % port_slots) * NFAMILIES
-            + (live["family"] & 1)) * NSTATES + live["state"]
+    ages = np.maximum(now_ns - entries["entered_ns"].astype(np.int64), 0)
+    cell = ((entries["port_slot"].astype(np.int64) % port_slots) * NFAMILIES
+            + (entries["family"] & 1)) * NSTATES + entries["state"]
     cells = port_slots * NFAMILIES * NSTATES
     buckets = np.bincount(cell * NBUCKETS + slots_of_ns(ages), minlength=cells * NBUCKETS)
     sums = np.bincount(cell, weights=ages.astype(np.float64), minlength=cells)

@@ -34,7 +34,7 @@ from typing import Iterator
 import numpy as np
 
 from .query_socket import DEFAULT_QUERY_SOCKET, fetch_table
-from .socket_table import MappedTable, live_entries, tuple_hashes
+from .socket_table import MappedTable, tuple_hashes
 from .states import BY_NAME, TABLE_STATES, code_of, name_of
 
 LISTEN, SYN_SENT = code_of("listen"), code_of("syn_sent")
@@ -273,7 +273,7 @@ def list_sockets(args: argparse.Namespace) -> list[Listed]:
     finally:
         os.close(fd)  # the mapping keeps the table
     try:
-        live = live_entries(*table.read())
+        live = table.live_entries()
         now_ns = time.monotonic_ns()
     finally:
         table.close()

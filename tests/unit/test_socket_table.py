@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from tracer.metrics import BUCKET_BOUNDS_SECONDS, NBUCKETS, slot_of_ns, slots_of_ns
-from tracer.socket_table import ENTRY_DTYPE, age_histogram, row_dtype, tuple_hashes
+from tracer.socket_table import ENTRY_DTYPE, age_histogram, live_entries, row_dtype, tuple_hashes
 from tracer.states import NSTATES, code_of
 
 NOW = 10**13  # CLOCK_MONOTONIC ns, as bpf_ktime_get_ns
@@ -26,7 +26,9 @@ def put(rows: np.ndarray, row: int, way: int, *, state: str, age_ns: int, family
 
 
 def flat(rows: np.ndarray):
-    return rows["sk"].reshape(-1), rows["entry"].reshape(-1)
+    """The live entries, read as the mapped table is: from its 64-bit words."""
+    ways = rows.dtype["sk"].shape[0]
+    return (live_entries(rows.view(np.uint64).reshape(len(rows), -1), ways),)
 
 
 def test_the_layout_is_the_c_structs():
@@ -36,8 +38,8 @@ def test_the_layout_is_the_c_structs():
 
 
 def test_vectorised_slots_are_the_kernels():
-    samples = [0, 1, 1023, 1024, 1025, 2**20, 2**20 + 1, 2**39, 2**39 + 1, 2**42, 2**42 + 1,
-               10**15]
+    samples = [0, 1, 2, 10**15, 2**53 - 1, 2**53, 2**62]
+    samples += [2**bits + delta for bits in range(1, 50) for delta in (-1, 0, 1)]
     assert list(slots_of_ns(samples)) == [slot_of_ns(ns) for ns in samples]
 
 
@@ -69,15 +71,21 @@ def test_ways_being_claimed_free_or_entered_after_the_read_are_handled():
     assert sums.sum() == 0
 
 
-def test_a_full_table_of_100k_sockets_is_one_vectorised_pass():
+def test_a_table_of_100k_sockets_reads_every_one_with_its_own_fields():
     rows = table(rows=32768)
-    keys, entries = flat(rows)
     rng = np.random.default_rng(1)
-    live = rng.choice(keys.size, 100_000, replace=False)
+    live = rng.choice(rows.size * 8, 100_000, replace=False)
+    keys = rows["sk"].reshape(-1).copy()
+    entries = rows["entry"].reshape(-1).copy()
     keys[live] = np.arange(1, live.size + 1)
     entries["state"][live] = code_of("established")
     entries["entered_ns"][live] = NOW - rng.integers(0, 2**41, live.size)
-    buckets, _ = age_histogram(keys, entries, NOW, port_slots=1)
+    entries["tuple_hash"][live] = live  # which way each came from
+    rows["sk"], rows["entry"] = keys.reshape(-1, 8), entries.reshape(-1, 8)
+    (found,) = flat(rows)
+    assert sorted(found["tuple_hash"]) == sorted(live)
+    assert (found["entered_ns"] == entries["entered_ns"][found["tuple_hash"]]).all()
+    buckets, _ = age_histogram(found, NOW, port_slots=1)
     assert buckets.sum() == 100_000
 
 
