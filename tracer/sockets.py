@@ -21,7 +21,6 @@ namespaces cannot be told apart (marked ambiguous); an orphaned socket
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import os
 import re
@@ -35,7 +34,7 @@ import numpy as np
 
 from .query_socket import DEFAULT_QUERY_SOCKET, fetch_table
 from .socket_table import MappedTable, tuple_hashes
-from .states import BY_NAME, TABLE_STATES, code_of, name_of
+from .states import BY_NAME, NSTATES, TABLE_STATES, code_of, name_of
 
 LISTEN, SYN_SENT = code_of("listen"), code_of("syn_sent")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
@@ -65,42 +64,89 @@ def format_duration(seconds: float | None) -> str:
 
 
 # ---- /proc ------------------------------------------------------------------
+# A line of /proc/net/tcp{,6}: sl, local address:port, remote address:port,
+# state, tx:rx queues, timer, retransmits, uid, timeout, inode. Addresses are
+# 32-bit words printed %08X each (1 for tcp, 4 for tcp6), ports %04X.
+_LINE = re.compile(rb"^ *\d+: ([0-9A-F]+):([0-9A-F]{4}) ([0-9A-F]+):([0-9A-F]{4}) "
+                   rb"([0-9A-F]{2}) \S+ \S+ \S+ +\d+ +\d+ (\d+)", re.M)
+
+
+def _hex_column(values: tuple, dtype: str, width: int = 1) -> np.ndarray:
+    """Fixed-width hex fields, all at once: `>u4` words read as /proc
+    printed them are the native reads the program hashed."""
+    raw = np.frombuffer(bytes.fromhex(b"".join(values).decode()), dtype)
+    return raw.reshape(len(values), width) if width > 1 or dtype == ">u4" else raw
+
+
 @dataclass
-class ProcSocket:
-    netns: int
-    family: str
-    local: str
-    local_port: int
-    remote: str
-    remote_port: int
-    state: int
-    inode: int
+class ProcSockets:
+    """Every TCP socket /proc shows, as columns."""
+
+    netns: np.ndarray        # int64: inode of the namespace
+    v6: np.ndarray           # bool: from tcp6
+    local: np.ndarray        # [n, 16] uint8, IPv4 in the last 4 bytes
+    remote: np.ndarray
+    local_port: np.ndarray   # int64
+    remote_port: np.ndarray
+    state: np.ndarray        # int64 kernel code
+    inode: np.ndarray        # int64, 0 for an orphaned socket
+    hashes: np.ndarray       # uint32: tuple_hash_of
+    unported: np.ndarray     # uint32: the same with local port 0
+
+    @classmethod
+    def parse(cls, text: bytes, netns: int, v6: bool) -> "ProcSockets | None":
+        rows = _LINE.findall(text)
+        if not rows:
+            return None
+        local_hex, local_port_hex, remote_hex, remote_port_hex, state_hex, inodes = zip(*rows)
+        width = 4 if v6 else 1
+        local_words = _hex_column(local_hex, ">u4", width).astype(np.uint32)
+        remote_words = _hex_column(remote_hex, ">u4", width).astype(np.uint32)
+        local_port = _hex_column(local_port_hex, ">u2").astype(np.int64)
+        remote_port = _hex_column(remote_port_hex, ">u2").astype(np.int64)
+        n = len(rows)
+        return cls(
+            netns=np.full(n, netns, np.int64), v6=np.full(n, v6),
+            local=_packed(local_words), remote=_packed(remote_words),
+            local_port=local_port, remote_port=remote_port,
+            state=_hex_column(state_hex, ">u1").astype(np.int64),
+            inode=np.array(inodes).astype(np.int64),
+            hashes=tuple_hashes(local_port, remote_port, local_words, remote_words),
+            unported=tuple_hashes(np.zeros(n, np.int64), remote_port, local_words,
+                                  remote_words))
+
+    @classmethod
+    def concatenate(cls, parts: list["ProcSockets"]) -> "ProcSockets":
+        if not parts:
+            empty = np.zeros(0, np.int64)
+            return cls(empty, empty.astype(bool), np.zeros((0, 16), np.uint8),
+                       np.zeros((0, 16), np.uint8), empty, empty, empty, empty,
+                       empty.astype(np.uint32), empty.astype(np.uint32))
+        return cls(*(np.concatenate([getattr(part, name) for part in parts])
+                     for name in cls.__dataclass_fields__))
 
 
-def _address(word_hex: str) -> tuple[list[int], str]:
-    """/proc's address field -> its 32-bit words and its text."""
-    words = [int(word_hex[i:i + 8], 16) for i in range(0, len(word_hex), 8)]
-    packed = b"".join(w.to_bytes(4, sys.byteorder) for w in words)
-    address = ipaddress.ip_address(packed)
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        return words, str(address.ipv4_mapped)
-    return words, str(address)
+def _packed(words: np.ndarray) -> np.ndarray:
+    """The addresses' bytes in network order, [n, 16]."""
+    raw = words.astype(np.uint32).view(np.uint8).reshape(len(words), -1)  # native order
+    packed = np.zeros((len(words), 16), np.uint8)
+    packed[:, 16 - raw.shape[1]:] = raw
+    return packed
 
 
-def read_proc_net(path: str, netns: int, family: str) -> Iterator[tuple[ProcSocket, list, list]]:
-    try:
-        with open(path) as listing:
-            next(listing, None)
-            for line in listing:
-                fields = line.split()
-                local, remote = fields[1].split(":"), fields[2].split(":")
-                local_words, local_text = _address(local[0])
-                remote_words, remote_text = _address(remote[0])
-                yield (ProcSocket(netns, family, local_text, int(local[1], 16), remote_text,
-                                  int(remote[1], 16), int(fields[3], 16), int(fields[9])),
-                       local_words, remote_words)
-    except (FileNotFoundError, ProcessLookupError):
-        return
+def _chunks(data: bytes, size: int = 16) -> Iterator[bytes]:
+    return (data[i:i + size] for i in range(0, len(data), size))
+
+
+def address_text(packed, v6: bool) -> str:
+    """16 bytes (IPv4 in the last 4) as text; an IPv4-mapped IPv6 address
+    shows as IPv4."""
+    data = bytes(packed)
+    if not v6:
+        return socket.inet_ntop(socket.AF_INET, data[12:])
+    if data[:12] == b"\0" * 10 + b"\xff\xff":
+        return socket.inet_ntop(socket.AF_INET, data[12:])
+    return socket.inet_ntop(socket.AF_INET6, data)
 
 
 def namespaces() -> dict[int, int]:
@@ -115,38 +161,33 @@ def namespaces() -> dict[int, int]:
     return found
 
 
-def proc_sockets() -> tuple[list[ProcSocket], np.ndarray, np.ndarray]:
-    """Every TCP socket /proc shows, in every namespace a process is in;
-    its 4-tuple hash (tuple_hash_of in bpf/tcpstate.h), and the same with
-    local port 0."""
-    sockets: list[ProcSocket] = []
-    hashes, unported = [], []
+def proc_sockets() -> ProcSockets:
+    """Every TCP socket of every namespace a process is in."""
+    parts = []
     for netns, pid in namespaces().items():
-        for name, family in (("tcp", "ipv4"), ("tcp6", "ipv6")):
-            rows = list(read_proc_net(f"/proc/{pid}/net/{name}", netns, family))
-            if not rows:
+        for name, v6 in (("tcp", False), ("tcp6", True)):
+            try:
+                with open(f"/proc/{pid}/net/{name}", "rb") as listing:
+                    text = listing.read()
+            except (FileNotFoundError, ProcessLookupError):
                 continue
-            found = [row[0] for row in rows]
-            remote_ports = np.array([s.remote_port for s in found])
-            local_words = np.array([row[1] for row in rows])
-            remote_words = np.array([row[2] for row in rows])
-            hashes.append(tuple_hashes(np.array([s.local_port for s in found]), remote_ports,
-                                       local_words, remote_words))
-            unported.append(tuple_hashes(np.zeros(len(found), np.int64), remote_ports,
-                                         local_words, remote_words))
-            sockets += found
-    if not sockets:
-        return sockets, np.zeros(0, np.uint32), np.zeros(0, np.uint32)
-    return sockets, np.concatenate(hashes), np.concatenate(unported)
+            part = ProcSockets.parse(text, netns, v6)
+            if part is not None:
+                parts.append(part)
+    return ProcSockets.concatenate(parts)
 
 
-def owners(pids: list[int] | None = None) -> dict[int, tuple[int, str]]:
+def owners(wanted: set[int], pids: list[int] | None = None) -> dict[int, tuple[int, str]]:
     """Socket inode -> (pid, command) of the process holding it (the
-    lowest pid when several share it)."""
+    lowest pid when several share it), for the inodes `wanted`; stops once
+    all are found."""
     found: dict[int, tuple[int, str]] = {}
     if pids is None:
         pids = sorted(int(e) for e in os.listdir("/proc") if e.isdigit())
+    left = set(wanted)
     for pid in pids:
+        if not left:
+            break
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
             with open(f"/proc/{pid}/comm") as comm_file:
@@ -159,7 +200,10 @@ def owners(pids: list[int] | None = None) -> dict[int, tuple[int, str]]:
             except OSError:
                 continue
             if target.startswith("socket:["):
-                found.setdefault(int(target[8:-1]), (pid, comm))
+                inode = int(target[8:-1])
+                if inode in left:
+                    found[inode] = (pid, comm)
+                    left.discard(inode)
     return found
 
 
@@ -180,39 +224,76 @@ class Listed:
     ambiguous: bool = False  # another namespace has a socket with the same 4-tuple
 
 
-def match(entries: np.ndarray, now_ns: int, sockets: list[ProcSocket], hashes: np.ndarray,
-          unported: np.ndarray, owner_of: dict[int, tuple[int, str]]) -> list[Listed]:
-    """Each table entry with the /proc socket of its state and 4-tuple
-    hash. A socket hashed in SYN-SENT or LISTEN may have had no local port
-    yet (connect() and listen() pick it after the transition): those are
-    matched on the hash with local port 0 too."""
-    candidates: dict[tuple[int, int], list[int]] = {}
-    for index, (found, value) in enumerate(zip(sockets, hashes.tolist())):
-        candidates.setdefault((found.state, value), []).append(index)
-    for index, (found, value) in enumerate(zip(sockets, unported.tolist())):
-        if found.state in (LISTEN, SYN_SENT) and value != hashes[index]:
-            candidates.setdefault((found.state, value), []).append(index)
-    taken: dict[tuple[int, int], int] = {}
+def match(entries: np.ndarray, found: ProcSockets) -> tuple[np.ndarray, np.ndarray]:
+    """For each table entry, the index of its /proc socket (same state and
+    4-tuple hash; -1: none) and whether several sockets had that key (the
+    same 4-tuple in several namespaces). A socket hashed in SYN-SENT or
+    LISTEN may have had no local port yet (connect() and listen() pick it
+    after the transition): those match on the hash with local port 0 too.
+    Entries with the same key take that key's sockets in turn."""
+    keys = (found.state.astype(np.uint64) << np.uint64(32)) | found.hashes.astype(np.uint64)
+    unported = np.flatnonzero(np.isin(found.state, (LISTEN, SYN_SENT))
+                              & (found.unported != found.hashes))
+    keys = np.concatenate([keys, (found.state[unported].astype(np.uint64) << np.uint64(32))
+                           | found.unported[unported].astype(np.uint64)])
+    index = np.concatenate([np.arange(len(found.state)), unported])
+    order = np.argsort(keys, kind="stable")
+    keys, index = keys[order], index[order]
+    wanted = ((entries["state"].astype(np.uint64) << np.uint64(32))
+              | entries["tuple_hash"].astype(np.uint64))
+    first = np.searchsorted(keys, wanted, "left")
+    count = np.searchsorted(keys, wanted, "right") - first
+    by_key = np.argsort(wanted, kind="stable")
+    in_order = wanted[by_key]
+    rank = np.empty(len(wanted), np.int64)
+    rank[by_key] = np.arange(len(wanted)) - np.searchsorted(in_order, in_order, "left")
+    pick = first + np.minimum(rank, np.maximum(count - 1, 0))
+    matched = np.where(count > 0, index[np.minimum(pick, max(len(index) - 1, 0))]
+                       if len(index) else -1, -1)
+    return matched, count > 1
+
+
+def listed_of(entries: np.ndarray, now_ns: int, found: ProcSockets, matched: np.ndarray,
+              ambiguous: np.ndarray, owner_of: dict[int, tuple[int, str]]) -> list[Listed]:
+    """The rows to show, computed by column (a listing can hold 100,000)."""
+    names = [name_of(code) for code in range(NSTATES)]
+    ages = (np.maximum(now_ns - entries["entered_ns"].astype(np.int64), 0) / 1e9).tolist()
+    born = entries["born_ns"].astype(np.int64)
+    lifetimes = (np.maximum(now_ns - born, 0) / 1e9).tolist()
+    at = np.maximum(matched, 0) if len(found.state) else np.zeros(0, np.int64)
+    if len(found.state):
+        gathered = zip(found.v6[at].tolist(), found.inode[at].tolist(),
+                       found.local_port[at].tolist(), found.remote_port[at].tolist(),
+                       found.netns[at].tolist(), _chunks(found.local[at].tobytes()),
+                       _chunks(found.remote[at].tobytes()))
+    else:
+        gathered = iter(())
+    columns = zip(entries["state"].tolist(), ages, lifetimes, born.tolist(),
+                  (entries["family"] & 1).tolist(), (matched >= 0).tolist(),
+                  ambiguous.tolist())
+    texts: dict[tuple[bytes, bool], str] = {}  # addresses repeat: each made once
+
+    def text(packed: bytes, v6: bool) -> str:
+        key = (packed, v6)
+        if key not in texts:
+            texts[key] = address_text(packed, v6)
+        return texts[key]
+
     listed = []
-    for entry in entries:
-        state = int(entry["state"])
-        key = (state, int(entry["tuple_hash"]))
-        options = candidates.get(key, [])
-        age = max(now_ns - int(entry["entered_ns"]), 0) / 1e9
-        born = int(entry["born_ns"])
-        lifetime = max(now_ns - born, 0) / 1e9 if born else None
-        family = "ipv6" if entry["family"] & 1 else "ipv4"
-        if not options:
-            listed.append(Listed(name_of(state), age, lifetime, family, "?", None, "?", None,
-                                 None, None, ""))
+    for state, age, lifetime, born_ns, family, known, several in columns:
+        socket_of = next(gathered, None)
+        common = dict(state=names[state], age_seconds=age,
+                      lifetime_seconds=lifetime if born_ns else None,
+                      family="ipv6" if family else "ipv4")
+        if not known:
+            listed.append(Listed(**common, local="?", local_port=None, remote="?",
+                                 remote_port=None, netns=None, pid=None, command=""))
             continue
-        nth = taken.get(key, 0)
-        taken[key] = nth + 1
-        found = sockets[options[min(nth, len(options) - 1)]]
-        pid, command = owner_of.get(found.inode, (None, "")) if found.inode else (None, "")
-        listed.append(Listed(name_of(state), age, lifetime, family, found.local,
-                             found.local_port, found.remote, found.remote_port, found.netns,
-                             pid, command, ambiguous=len(options) > 1))
+        v6, inode, local_port, remote_port, netns, local, remote = socket_of
+        pid, command = owner_of.get(inode, (None, ""))
+        listed.append(Listed(**common, local=text(local, v6), local_port=local_port,
+                             remote=text(remote, v6), remote_port=remote_port,
+                             netns=netns, pid=pid, command=command, ambiguous=several))
     return listed
 
 
@@ -282,14 +363,26 @@ def list_sockets(args: argparse.Namespace) -> list[Listed]:
     if args.older_than:
         live = live[(now_ns - live["entered_ns"].astype(np.int64)) > args.older_than * 1e9]
     live = live[np.argsort(live["entered_ns"], kind="stable")]  # oldest first
-    sockets, hashes, unported = proc_sockets()
-    listed = match(live, now_ns, sockets, hashes, unported,
-                   owners([args.pid] if args.pid else None))
+    if not len(live):
+        return []
+    found = proc_sockets()
+    matched, ambiguous = match(live, found)
+    keep = np.ones(len(live), bool)
+    if args.port and len(found.state):
+        at = np.maximum(matched, 0)
+        keep &= (matched >= 0) & ((found.local_port[at] == args.port)
+                                  | (found.remote_port[at] == args.port))
+    elif args.port:
+        keep[:] = False
     if args.pid:
-        listed = [item for item in listed if item.pid == args.pid]
-    if args.port:
-        listed = [item for item in listed if args.port in (item.local_port, item.remote_port)]
-    return listed
+        keep &= matched >= 0
+    live, matched, ambiguous = live[keep], matched[keep], ambiguous[keep]
+    inodes = found.inode[matched[matched >= 0]]
+    owner_of = owners(set(inodes[inodes != 0].tolist()), [args.pid] if args.pid else None)
+    if args.pid:
+        held = np.array([int(found.inode[at]) in owner_of for at in matched.tolist()], bool)
+        live, matched, ambiguous = live[held], matched[held], ambiguous[held]
+    return listed_of(live, now_ns, found, matched, ambiguous, owner_of)
 
 
 def _endpoint(address: str, port: int | None) -> str:
