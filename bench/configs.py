@@ -92,12 +92,14 @@ class EmptyHandler(Config):
 class Serve(Config):
     """`tcpstate serve`, with or without the ten service ports labelled."""
 
-    def __init__(self, service_ports: tuple[int, ...] = ()):
+    def __init__(self, service_ports: tuple[int, ...] = (), args: tuple[str, ...] = ()):
         self.service_ports = service_ports
+        self.args = args
         self.name = "tcpstate serve" + (" --service-ports" if service_ports else "")
 
     def __enter__(self) -> "Serve":
-        self.exporter = Exporter(service_ports=self.service_ports).start(START_TIMEOUT_S)
+        self.exporter = Exporter(*self.args, service_ports=self.service_ports).start(
+            START_TIMEOUT_S)
         self.pid = self.exporter.process.pid
         return self
 

@@ -78,12 +78,14 @@ EMPTY = "empty program"
 COUNTERS_ONLY = "counters only"
 SOCKET_TABLE = "+ socket table"
 SERVE_DEFAULT = "+ histograms (serve's default)"
+NO_TUPLE_HASH = "serve's default less the 4-tuple hash"
 # Built per attach path: the feature-cost steps on serve's default path (raw),
 # serve's default program on the classic one.
 VARIANTS = {
     RAW_TRACEPOINT: {
         COUNTERS_ONLY: lambda path: programs.counters_only(attach=path),
         SOCKET_TABLE: lambda path: programs.socket_table_without_histograms(attach=path),
+        NO_TUPLE_HASH: lambda path: programs.serve_without_tuple_hash(attach=path),
         SERVE_DEFAULT: lambda path: Probe(attach=path, seed_live_sockets=False),
         ALL_FEATURES: lambda path: Probe(attach=path, service_ports=SERVICE_PORTS,
                                          seed_live_sockets=False),

@@ -5,7 +5,9 @@ program, which live here so that bpf/serve.bpf.c has no bench-only code:
 - "counters only": bench/counters.bpf.c, the transition counters alone on
   the shared reading of a state change (bpf/tcpstate.h);
 - "+ socket table": bpf/serve.bpf.c as it is, with the bodies of its two
-  histogram functions emptied in the text bcc compiles (`without_histograms`).
+  histogram functions emptied in the text bcc compiles (`without_histograms`);
+- serve's default less the 4-tuple hash its entries keep for `tcpstate
+  sockets` (`without_tuple_hash`).
 
 Each is a tracer.probe.LoadedProgram: compiled with the cflags tcpstate
 uses, configured, attached; `detach()`/`attach()` time them one at a time.
@@ -59,6 +61,22 @@ class SourceVariant(LoadedProgram):
         kind = BPF.RAW_TRACEPOINT if attachment.kind == RAW_TRACEPOINT else BPF.TRACEPOINT
         bpf.load_func(FUNCTION.encode(), kind)
         return bpf
+
+
+TUPLE_HASH_LINE = "    entry->tuple_hash = tuple_hash_of(ctx, &c);\n"
+
+
+def without_tuple_hash(source: str) -> str:
+    """serve.bpf.c's text without the entry's 4-tuple hash (what `tcpstate
+    sockets` matches by): its cost on the hot path, side by side."""
+    if TUPLE_HASH_LINE not in source:
+        raise RuntimeError("bench: bpf/serve.bpf.c no longer writes entry->tuple_hash as "
+                           "the 'less the 4-tuple hash' variant of figure 1 expects")
+    return source.replace(TUPLE_HASH_LINE, "")
+
+
+def serve_without_tuple_hash(**options) -> SourceVariant:
+    return SourceVariant(without_tuple_hash(bpf_source("serve").read_text()), **options)
 
 
 def counters_only(**options) -> SourceVariant:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tracer.program import RAW_TRACEPOINT
 
+from . import ages
 from .configs import NOTHING_PORT
 from .figures import ALL_FEATURES, SERVE_DEFAULT
 from .svg import bar_chart
@@ -473,4 +474,5 @@ RENDERERS = (
     ("hostile", _hostile),
     ("skips", _skips),
     ("memory", _memory_and_start),
+    ("socket_ages", ages.render),
 )

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import figures, memory, report
+from . import ages, figures, memory, report
 from .measure import load_average
 from .lab import Lab
 
@@ -35,6 +35,7 @@ FIGURES = {
     "hostile": figures.hostile_neighbour,
     "skips": figures.skips_under_scrapes,
     "memory": memory.memory_and_start,
+    "socket_ages": ages.socket_ages,
 }
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 

@@ -13,7 +13,9 @@
 /* ---- maps the shared code uses (see tcpstate.h) ---------------------------- */
 
 MMAPABLE_ARRAY(counters, u64, NCPUS * NCOUNTERS);
-BPF_ARRAY(socket_table, struct table_row, TABLE_BUCKETS);
+/* Memory-mapped too: the ages in state and `tcpstate sockets` read it with
+ * no system call. */
+MMAPABLE_ARRAY(socket_table, struct table_row, TABLE_BUCKETS);
 #if NPORT_SLOTS > 1
 /* port number -> slot (0 = other), written once by user space before the
  * program is attached. */
@@ -330,6 +332,7 @@ STATE_CHANGE_HANDLER(on_state_change)
     }
     entry->family = fam;
     entry->port_slot = port;
+    entry->tuple_hash = tuple_hash_of(ctx, &c);
     entry->entered_ns = now;
     entry->state = c.new;   /* last: the entry is whole from here on */
     live_add(cpu, LIVE_INDEX(port, fam, c.new), 1);

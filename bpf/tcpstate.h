@@ -259,6 +259,69 @@ static __always_inline void tcp_proto_learn(u64 proto) {}
 } while (0)
 #endif
 
+/* ---- the 4-tuple's hash -------------------------------------------------- */
+
+/* A 32-bit hash of a socket's ports and addresses, mirrored by
+ * tracer/sockets.py over /proc/net/tcp{,6}: the ports in host order, then
+ * each 32-bit word of the local and the remote address as read from memory
+ * in network order, which is how /proc prints them (1 word for AF_INET,
+ * 4 for AF_INET6, v4-mapped ones too). No helper call on the raw path. */
+static __always_inline u32 tuple_mix(u32 hash, u32 word)
+{
+    hash = (hash ^ word) * 0x9E3779B1u;
+    return hash ^ (hash >> 16);
+}
+
+static __always_inline u32 tuple_hash_words(u32 ports, const u8 *saddr, const u8 *daddr,
+                                            int words)
+{
+    u32 hash = ports, word;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        if (i < words) {
+            __builtin_memcpy(&word, saddr + 4 * i, 4);
+            hash = tuple_mix(hash, word);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        if (i < words) {
+            __builtin_memcpy(&word, daddr + 4 * i, 4);
+            hash = tuple_mix(hash, word);
+        }
+    }
+    return hash;
+}
+
+#define TUPLE_PORTS(c) (((u32)(c)->sport << 16) | (c)->dport)
+
+#ifdef RAW_TRACEPOINT
+static __always_inline u32 tuple_hash_of(struct bpf_raw_tracepoint_args *ctx,
+                                         const struct state_change *c)
+{
+    if (c->sk_family == AF_INET)
+        return tuple_hash_words(TUPLE_PORTS(c), HEAD_AT(c, SK_SADDR), HEAD_AT(c, SK_DADDR), 1);
+    return tuple_hash_words(TUPLE_PORTS(c), HEAD_AT(c, SK_V6_SADDR),
+                            HEAD_AT(c, SK_V6_DADDR), 4);
+}
+#else
+/* The classic path (no BTF) reads the record's addresses: a copy each. */
+#define tuple_hash_of(ctx, c) ({                                            \
+    u8 s_tuple[16] = {}, d_tuple[16] = {};                                  \
+    u32 tuple = 0;                                                          \
+    if ((c)->sk_family == AF_INET) {                                        \
+        bpf_probe_read_kernel(s_tuple, 4, (ctx)->saddr);                    \
+        bpf_probe_read_kernel(d_tuple, 4, (ctx)->daddr);                    \
+        tuple = tuple_hash_words(TUPLE_PORTS(c), s_tuple, d_tuple, 1);      \
+    } else {                                                                \
+        bpf_probe_read_kernel(s_tuple, 16, (ctx)->saddr_v6);                \
+        bpf_probe_read_kernel(d_tuple, 16, (ctx)->daddr_v6);                \
+        tuple = tuple_hash_words(TUPLE_PORTS(c), s_tuple, d_tuple, 4);      \
+    }                                                                       \
+    tuple;                                                                  \
+})
+#endif
+
 /* ---- durations ---------------------------------------------------------- */
 
 /* log2 slot of a duration: the smallest b with ns <= 2^b, offset so that
@@ -285,6 +348,10 @@ struct sock_entry {
 #ifdef SOCK_ENTRY_OWNER     /* only a trace shows the owner: serve's entries stay 24 bytes */
     u32 owner_pid;          /* 0: owner not known */
     char owner_comm[TASK_COMM_LEN];
+#else
+    u32 tuple_hash;         /* serve: the 4-tuple's tuple_hash_of(), in what
+                             * was padding: `tcpstate sockets` matches the
+                             * entry to /proc/net/tcp{,6} by it */
 #endif
 };
 

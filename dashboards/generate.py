@@ -183,6 +183,24 @@ def state_table() -> table.Panel:
             .sort_by([cb.TableSortByFieldState().display_name("TCP-MIB")]))
 
 
+def stuck_sockets_graph() -> timeseries.Panel:
+    """Sockets older in their state than the stuck bound, by state: the
+    ages' gauge histogram, all known ages less those up to the bound."""
+    older = (f"sum by (state) ({selector(m.SOCKET_STATE_AGE + '_gcount', **NODE_PORT)}) - "
+             f"sum by (state) ({selector(m.SOCKET_STATE_AGE + '_bucket', **NODE_PORT, le=r.STUCK_LE)})")
+    unknown = f"sum by (state) ({selector(m.SOCKET_STATE_AGE_UNKNOWN, **NODE_PORT)}) > 0"
+    return graph(
+        f"Sockets in their state for over {m.CLOSE_WAIT_STUCK_SECONDS:.0f} s",
+        f"Sockets that have been in their state longer than {r.STUCK_LE} s (the age "
+        "bucket bound nearest 10 minutes), by state: CLOSE-WAIT here is a program that "
+        "does not close finished connections (alert TcpstateCloseWaitStuck; `tcpstate "
+        "sockets --state close_wait --older-than 9m` names them). \"(age unknown)\": sockets whose "
+        "entry into their state tcpstate did not see (older than the exporter), of "
+        "unknown age.",
+        [query(older, "{{state}}"), query(unknown, "{{state}} (age unknown)", ref="B")],
+        unit="short")
+
+
 def overview() -> dict:
     syn_sent_exits = rate(m.TRANSITIONS, "", **transition("syn_sent", **NODE_PORT))
     connects_failed = rate(m.TRANSITIONS, "", **transition("syn_sent", "close", **NODE_PORT))
@@ -224,6 +242,7 @@ def overview() -> dict:
         "grows is a program leaking connections (alert TcpstateCloseWaitGrowing).",
         [query(f"sum by (port) ({selector(m.SOCKETS, **NODE_PORT, state='close_wait')})",
                "port {{port}}")]))
+    dash = dash.with_panel(stuck_sockets_graph())
     dash = dash.with_panel(graph(
         "Hand-offs to TIME-WAIT/s",
         "Sockets given to a TIME-WAIT mini-socket (FIN-WAIT-1/2 or CLOSING -> CLOSE: the "

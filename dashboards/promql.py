@@ -77,6 +77,7 @@ def metric_names(expr: str) -> set[str]:
 PROMETHEUS_SERIES = frozenset({"up", "scrape_samples_scraped", "scrape_duration_seconds"})
 
 _HISTOGRAMS = (m.STATE_DURATION, m.CONNECTION_DURATION)
+_GAUGE_HISTOGRAMS = (m.SOCKET_STATE_AGE,)
 
 
 def exported_names() -> set[str]:
@@ -85,6 +86,8 @@ def exported_names() -> set[str]:
              if key.isupper() and isinstance(value, str) and value.startswith(m.PREFIX + "_")}
     for histogram in _HISTOGRAMS:
         names |= {f"{histogram}_bucket", f"{histogram}_sum", f"{histogram}_count"}
+    for histogram in _GAUGE_HISTOGRAMS:
+        names |= {f"{histogram}_bucket", f"{histogram}_gsum", f"{histogram}_gcount"}
     return names - {m.PREFIX + "_"}
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from prometheus_client.utils import floatToGoString
+
 from tracer import metrics as m
 
 from .promql import selector, transition
@@ -28,6 +30,9 @@ CLOSE_WAIT_MIN_SOCKETS = 20
 # so a threshold inside one would fire on RTTs of 0.3 s. p99 above a bound
 # means: more than 1 % of handshakes took longer. A lost SYN costs >= 1 s.
 HANDSHAKE_P99_SECONDS = 2 ** 29 / 1e9
+
+# CLOSE-WAIT longer than this is stuck: the bucket bound nearest 10 minutes.
+STUCK_LE = floatToGoString(m.CLOSE_WAIT_STUCK_SECONDS)
 
 _INSTANCE = "instance, job"
 _INSTANCE_PORT = "instance, job, port"
@@ -60,6 +65,7 @@ PORT_CONNECT_ATTEMPTS = "instance_port:tcpstate_connect_attempts:rate5m"
 PORT_CONNECT_FAILURES = "instance_port:tcpstate_connect_failures:rate5m"
 PORT_RESETS = "instance_port:tcpstate_resets:rate5m"
 PORT_CLOSE_WAIT = "instance_port:tcpstate_close_wait_sockets:sum"
+PORT_CLOSE_WAIT_STUCK = "instance_port:tcpstate_close_wait_stuck_sockets:sum"
 PORT_HANDSHAKE_BUCKETS = "instance_port_le:tcpstate_handshake_seconds_bucket:rate5m"
 CONNECT_ATTEMPTS = "instance:tcpstate_connect_attempts:rate5m"
 CONNECT_FAILURES = "instance:tcpstate_connect_failures:rate5m"
@@ -84,6 +90,13 @@ RECORDS: tuple[Record, ...] = (
     Record(PORT_RESETS, _rate(m.TRANSITIONS, _INSTANCE_PORT, **transition("established", "close"))),
     Record(PORT_CLOSE_WAIT,
            f"sum by ({_INSTANCE_PORT}) ({selector(m.SOCKETS, state='close_wait')})"),
+    # CLOSE-WAIT sockets older than the bucket bound nearest 10 minutes: all
+    # of known age (_gcount) less those at most that old (the bound's bucket).
+    Record(PORT_CLOSE_WAIT_STUCK,
+           f"sum by ({_INSTANCE_PORT}) "
+           f"({selector(m.SOCKET_STATE_AGE + '_gcount', state='close_wait')}) - "
+           f"sum by ({_INSTANCE_PORT}) "
+           f"({selector(m.SOCKET_STATE_AGE + '_bucket', state='close_wait', le=STUCK_LE)})"),
     Record(PORT_HANDSHAKE_BUCKETS,
            _rate(f"{m.STATE_DURATION}_bucket", f"{_INSTANCE_PORT}, le",
                  **transition("syn_sent", "established"))),
@@ -125,6 +138,23 @@ ALERTS: tuple[Alert, ...] = (
         "path (or a pool never evicts dead connections). Restarting the process frees "
         "the sockets but the count will grow again until the code is fixed; watch its "
         "open file limit meanwhile (`ls /proc/PID/fd | wc -l`).",
+    ),
+    Alert(
+        "TcpstateCloseWaitStuck",
+        f"{PORT_CLOSE_WAIT_STUCK} > 0",
+        "5m", "warning",
+        "{{ $labels.instance }} port {{ $labels.port }}: {{ $value }} sockets stuck in "
+        "CLOSE-WAIT for over " + f"{m.CLOSE_WAIT_STUCK_SECONDS:.0f} s",
+        "Sockets have sat in CLOSE-WAIT (the peer closed, the local program has not) "
+        f"for more than {m.CLOSE_WAIT_STUCK_SECONDS} s: the bucket bound of "
+        f"{m.SOCKET_STATE_AGE} nearest 10 minutes (2^39 ns). A program that has not "
+        "closed a finished connection in 9 minutes has almost surely lost track of it.",
+        "On the node, as root: `tcpstate sockets --state close_wait --older-than 9m` "
+        "lists them oldest first with the owning PID and command, addresses and "
+        "namespace. The owner misses a close() on an error or EOF path (or a pool "
+        "never evicts dead connections). The threshold is 549.755813888 s, not 600 s: "
+        "ages are counted in power-of-two buckets. Sockets of unknown age (older than "
+        "tcpstate, see tcpstate_socket_state_age_unknown) cannot fire this alert.",
     ),
     Alert(
         "TcpstateHandshakeSlow",

@@ -7,10 +7,12 @@ with the same relabelling.
 
 from __future__ import annotations
 
+import re
+
 from tracer import metrics as m
 from tracer.http_server import DEFAULT_PORT
 
-from .rules import JOB
+from .rules import JOB, STUCK_LE
 
 # The dashboards read state-duration buckets of SYN-SENT -> ESTABLISHED
 # only (handshake percentiles and heatmap). Dropping the buckets of the other
@@ -24,6 +26,13 @@ BUDGET_RELABEL = [
      "target_label": "__tmp_tcpstate_keep", "replacement": "1"},
     {"source_labels": ["__name__", "__tmp_tcpstate_keep"],
      "regex": f"{m.STATE_DURATION}_bucket;",
+     "action": "drop"},
+    # Of the ages in state, the rules read the bucket at the stuck bound only.
+    {"source_labels": ["__name__", "le"],
+     "regex": f"{m.SOCKET_STATE_AGE}_bucket;{re.escape(STUCK_LE)}",
+     "target_label": "__tmp_tcpstate_keep", "replacement": "1"},
+    {"source_labels": ["__name__", "__tmp_tcpstate_keep"],
+     "regex": f"{m.SOCKET_STATE_AGE}_bucket;",
      "action": "drop"},
 ]
 

@@ -112,6 +112,14 @@ def _run_as(text: str):
         raise _without_flag(exc, "--run-as") from None
 
 
+def _query_socket_path(flag: str | None) -> str | None:
+    from .query_socket import DEFAULT_QUERY_SOCKET
+
+    if flag is None:
+        return DEFAULT_QUERY_SOCKET
+    return None if flag == "none" else flag
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .http_server import DEFAULT_LISTEN_ADDRESS, DEFAULT_MAX_REQUESTS
 
@@ -144,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="once attached, become USER with no capabilities "
                             "(`ip netns` namespaces no process is in are then left out "
                             "of the TIME-WAIT gauge)")
+    serve.add_argument("--query-socket", dest="query_socket", default=None, metavar="PATH",
+                       help="root-only Unix socket on which `tcpstate sockets` is handed the "
+                            "socket table (default /run/tcpstate/serve.sock; `none`: no "
+                            "socket)")
     _add_attach(serve)
     serve.add_argument("--dry-run", action="store_true",
                        help="check prerequisites, load, attach, read the maps once, and exit")
@@ -154,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     trace = add_trace_parser(commands)
     _add_attach(trace)
     _add_log_level(trace)
+
+    from .sockets import add_sockets_parser
+
+    add_sockets_parser(commands)
     return parser
 
 
@@ -174,6 +190,10 @@ def _add_log_level(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.command == "sockets":  # reads serve's table: no BPF, no prerequisites
+        from .sockets import sockets_command
+
+        return sockets_command(args)
     from .prereq import SERVE_NEEDS, check_all, kernel_features
 
     logging.basicConfig(
@@ -206,6 +226,7 @@ def run(args: argparse.Namespace) -> int:
             web_config=args.web_config,
             run_as=args.run_as,
             max_requests=args.max_requests,
+            query_socket=_query_socket_path(args.query_socket),
         )
         if not args.dry_run:
             # Stopped and detached. Connection threads may still be inside

@@ -13,6 +13,7 @@ from typing import Callable, Iterable, Iterator, Protocol
 import numpy as np
 from prometheus_client.core import (
     CounterMetricFamily,
+    GaugeHistogramMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
@@ -22,7 +23,8 @@ from prometheus_client.utils import floatToGoString
 
 from . import __version__, metrics as m
 from .serve_maps import Snapshot
-from .states import FAMILIES, GAUGE_STATES, KNOWN_TRANSITIONS, SIDES, STATES, code_of, name_of
+from .states import (FAMILIES, GAUGE_STATES, KNOWN_TRANSITIONS, SIDES, STATES, TABLE_STATES,
+                     code_of, name_of)
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +153,41 @@ class TcpstateCollector(Collector):
         yield durations
         yield connections
         yield sockets
+        yield from self._age_families(snap, port_label, slots)
         yield from self._self_families(snap)
+
+    @staticmethod
+    def _age_families(snap: Snapshot | None, port_label: list[str],
+                      slots: Callable) -> Iterator[Metric]:
+        ages = GaugeHistogramMetricFamily(
+            m.SOCKET_STATE_AGE,
+            "How long the sockets now in each state have been in it (those whose "
+            "entry into it was seen; the others are in " + m.SOCKET_STATE_AGE_UNKNOWN + ").",
+            labels=[*m.SOCKET_STATE_AGE_LABELS, *port_label],
+        )
+        unknown = GaugeMetricFamily(
+            m.SOCKET_STATE_AGE_UNKNOWN,
+            "Sockets now in each state whose entry into it was not seen (they predate "
+            "the exporter, or their table entry was evicted): no age, never 0 seconds.",
+            labels=[*m.SOCKET_STATE_AGE_LABELS, *port_label],
+        )
+        if snap is not None and snap.age_buckets is not None:
+            for slot, port in slots():
+                for fam, family in enumerate(FAMILIES):
+                    for state in TABLE_STATES:
+                        code = code_of(state)
+                        counts = snap.age_buckets[slot, fam, code]
+                        if counts.any():
+                            ages.add_metric(
+                                [family, state, *port],
+                                buckets=list(zip(BUCKET_LABELS,
+                                                 (int(c) for c in np.cumsum(counts)))),
+                                gsum_value=float(snap.age_sum_ns[slot, fam, code]) / NS_PER_SECOND,
+                            )
+                        unknown.add_metric([family, state, *port],
+                                           int(snap.age_unknown[slot, fam, code]))
+        yield ages
+        yield unknown
 
     @staticmethod
     def _add_histograms(family: HistogramMetricFamily, buckets: np.ndarray,

@@ -16,6 +16,7 @@ EXIT_TRACEPOINT = 6     # the tracepoint does not exist on this kernel
 EXIT_LISTEN = 7         # the listen address is in use or cannot be bound
 EXIT_BPF = 8            # the kernel refused to load or attach the program
 EXIT_KERNEL_VERSION = 9  # the kernel lacks a BPF feature (or version) the command needs
+EXIT_NO_SERVER = 10     # tcpstate sockets: no tcpstate serve answers on the query socket
 
 EXIT_CODES = {
     EXIT_OK: "success",
@@ -28,6 +29,7 @@ EXIT_CODES = {
     EXIT_LISTEN: "cannot listen on the web address",
     EXIT_BPF: "BPF program failed to load or attach",
     EXIT_KERNEL_VERSION: "kernel lacks a feature the command needs",
+    EXIT_NO_SERVER: "no tcpstate serve answers on the query socket",
 }
 
 

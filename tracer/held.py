@@ -22,7 +22,7 @@ class HeldProgram:
     def __init__(self, description: dict, fds: list[int]):
         self._fds = fds
         try:
-            self.prog_fd, self.attachment_fd, *map_fds = fds
+            self.prog_fd, self.attachment_fd, *map_fds, self.table_fd = fds
             self.attachment = Attachment(description["attach"], {})
             self.attach_kind = self.attachment.kind
             self.port_labels = tuple(description["port_labels"])
@@ -33,8 +33,10 @@ class HeldProgram:
             if list(layout) != description["maps"]:
                 raise ValueError(f"the loader's maps {description['maps']} are not "
                                  f"this version's {list(layout)}")
+            self.table_ways = description["table_ways"]
             self.maps = ServeMaps(dict(zip(description["maps"], map_fds)), layout,
-                                  description["cpus"])
+                                  description["cpus"], self.table_fd,
+                                  self.table_capacity // self.table_ways, self.table_ways)
         except BaseException:
             self.close()
             raise

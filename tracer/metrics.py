@@ -12,6 +12,8 @@ TRANSITIONS = f"{PREFIX}_transitions_total"
 STATE_DURATION = f"{PREFIX}_state_duration_seconds"
 CONNECTION_DURATION = f"{PREFIX}_connection_duration_seconds"
 SOCKETS = f"{PREFIX}_sockets"
+SOCKET_STATE_AGE = f"{PREFIX}_socket_state_age_seconds"
+SOCKET_STATE_AGE_UNKNOWN = f"{PREFIX}_socket_state_age_unknown"
 STATE_INFO = f"{PREFIX}_state_info"
 SOCKET_TABLE_ENTRIES = f"{PREFIX}_socket_table_entries"
 SOCKET_TABLE_CAPACITY = f"{PREFIX}_socket_table_capacity"
@@ -72,10 +74,26 @@ def slot_of_ns(ns: int) -> int:
     return min(bits - BUCKET_MIN_LOG2, NBUCKETS - 1)
 
 
+def slots_of_ns(ns):
+    """slot_of_ns over a numpy array of nanoseconds. (ns - 1).bit_length()
+    is frexp's exponent, exact for every value up to 2**53 ns (104 days),
+    and past the last finite bound (2**BUCKET_MAX_LOG2) all land in the
+    top slot anyway."""
+    import numpy as np
+
+    _, bits = np.frexp(np.maximum(np.asarray(ns, dtype=np.int64) - 1, 0).astype(np.float64))
+    return np.clip(bits.astype(np.int64) - BUCKET_MIN_LOG2, 0, NBUCKETS - 1)
+
+
+# CLOSE-WAIT sockets older than this are stuck (TcpstateCloseWaitStuck): the
+# bucket bound nearest 10 minutes (2**39 ns = 549.755813888 s).
+CLOSE_WAIT_STUCK_SECONDS = min(BUCKET_BOUNDS_SECONDS[:-1], key=lambda bound: abs(bound - 600))
+
 # ---- label sets --------------------------------------------------------
 TRANSITION_LABELS = ("family", "old_state", "new_state")
 CONNECTION_LABELS = ("family", "side")
 SOCKETS_LABELS = ("family", "state")
+SOCKET_STATE_AGE_LABELS = ("family", "state")
 STATE_INFO_LABELS = ("state", "kernel_code", "mib_code", "rfc793_name")
 BUILD_INFO_LABELS = ("version", "bcc_version", "kernel", "attach")
 PORT_LABEL = "port"

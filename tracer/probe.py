@@ -201,7 +201,8 @@ class Probe(LoadedProgram):
     def _configure(self) -> None:
         self.layout = serve_layout(self.port_slots)
         self.maps = ServeMaps({name: self.map_fd(name) for name in self.layout},
-                              self.layout, self.cpus)
+                              self.layout, self.cpus, self.map_fd("socket_table"),
+                              self.table_capacity // TABLE_WAYS, TABLE_WAYS)
 
     def map_fd(self, name: str) -> int:
         return self.bpf[name.encode()].map_fd
@@ -279,9 +280,10 @@ class Probe(LoadedProgram):
     def handoff(self) -> tuple[dict, list[int]]:
         """What the serving process needs to keep the program attached and
         read it (tracer/held.py), and the descriptors, in that order: the
-        program, its attachment, then each map of the layout."""
+        program, its attachment, each map of the layout, the socket table."""
         fds = [self.bpf.funcs[FUNCTION.encode()].fd, self.attachment_fd()]
         fds += [self.map_fd(name) for name in self.layout]
+        fds.append(self.map_fd("socket_table"))
         return {
             "attach": self.attachment.kind,
             "target": self.attachment.target,
@@ -290,6 +292,7 @@ class Probe(LoadedProgram):
             "port_labels": list(self.port_labels),
             "cpus": self.cpus,
             "table_capacity": self.table_capacity,
+            "table_ways": TABLE_WAYS,
             "bcc_version": bcc_version(),
         }, fds
 

@@ -63,6 +63,24 @@ def _warn_unreadable(web_config: WebConfig | None, user: str) -> None:
                     "%s and mode 0640)", user, ", ".join(unreadable), user, user)
 
 
+def _open_query_socket(path: str, probe: HeldProgram):
+    """The query socket, or None (with one warning) when it cannot be made:
+    metrics matter more than `tcpstate sockets`."""
+    from .query_socket import QuerySocket
+
+    description = {"rows": probe.table_capacity // probe.table_ways,
+                   "ways": probe.table_ways, "port_labels": list(probe.port_labels),
+                   "serve_pid": os.getpid()}
+    try:
+        query = QuerySocket(path, description, probe.table_fd)
+    except OSError as exc:
+        log.warning("no query socket at %s (%s): `tcpstate sockets` cannot reach this serve",
+                    path, exc.strerror or exc)
+        return None
+    log.info("socket table answers `tcpstate sockets` on %s", path)
+    return query
+
+
 def serve(
     listen_address: str,
     telemetry_path: str,
@@ -75,8 +93,11 @@ def serve(
     max_requests: int = DEFAULT_MAX_REQUESTS,
     loading: Loading | None = None,
     features: str = "",
+    query_socket: str | None = None,
 ) -> int:
-    """`run_as` is a pwd entry (tracer.privileges.lookup_user) or None."""
+    """`run_as` is a pwd entry (tracer.privileges.lookup_user) or None;
+    `query_socket` the path `tcpstate sockets` asks for the socket table
+    (None: none)."""
     # A signal goes to any thread that does not block it, and Python runs
     # its handler only when the main thread next wakes: with the HTTP threads
     # busy (a flood) a SIGTERM could wait an hour. So the signals are blocked
@@ -104,7 +125,10 @@ def serve(
         if server is not None:
             server.server_close()
         raise
+    query = None
     try:
+        if query_socket and not dry_run:
+            query = _open_query_socket(query_socket, probe)  # before the drop: root's
         collector = TcpstateCollector(probe, bcc_version=probe.bcc_version,
                                       attach=probe.attach_kind)
         registry.register(collector)
@@ -129,6 +153,8 @@ def serve(
             report(f"tcpstate: dry run ok: {loaded}; maps readable")
             return 0
         log.info("%s", loaded)
+        if query is not None:
+            query.start()
         thread = threading.Thread(target=server.serve_until_stopped, name="tcpstate-http",
                                   daemon=True)
         thread.start()
@@ -148,6 +174,8 @@ def serve(
         thread.join(5)
         return 0
     finally:
+        if query is not None:
+            query.close()
         if server is not None:
             server.server_close()
         with scrape_lock:  # a scrape in flight finishes before the maps close

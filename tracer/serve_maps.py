@@ -6,11 +6,13 @@ descriptors (tracer/held.py); neither path imports bcc here.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .maps import MappedArray, WrappingSums
+from .socket_table import MappedTable, age_histogram
 from .metrics import NBUCKETS, OTHER_PORT
 from .program import COUNTERS
 from .states import FAMILIES, NSTATES, SIDES
@@ -59,7 +61,7 @@ def map_bytes(cpus: int, port_slots: int, table_capacity: int, page: int = 4096)
     # a memory-mapped array takes a page for its header beside its values
     total = sum(pages(8 * spec.cells * (cpus if spec.per_cpu else 1)) + page
                 for spec in serve_layout(port_slots).values())
-    total += pages(SOCKET_ENTRY_BYTES * table_capacity)
+    total += pages(SOCKET_ENTRY_BYTES * table_capacity) + page  # memory-mapped too
     if port_slots > 1:
         # service_port_slot and listeners: an array's values take 8 bytes each
         total += 2 * pages(8 * 65536)
@@ -83,6 +85,12 @@ class Snapshot:
     live: np.ndarray  # [port, family, state], never negative
     counters: dict[str, int] = field(default_factory=dict)
     table_entries: int = 0  # sockets in the table: the sum of live_tracked
+    # ages in state of the table's sockets: slot counts [port, family, state,
+    # slot], sums in ns [port, family, state]; live sockets whose entry time
+    # is not known (live_untracked) [port, family, state]. None: not read.
+    age_buckets: np.ndarray | None = None
+    age_sum_ns: np.ndarray | None = None
+    age_unknown: np.ndarray | None = None
     table_capacity: int = 0
     missed_events: int = 0
 
@@ -102,14 +110,20 @@ def prog_stats_of_fd(fd: int) -> dict[str, int]:
 class ServeMaps:
     """Readers of serve's maps, given each map's descriptor."""
 
-    def __init__(self, map_fds: dict[str, int], layout: dict[str, MapLayout], cpus: int):
+    def __init__(self, map_fds: dict[str, int], layout: dict[str, MapLayout], cpus: int,
+                 table_fd: int | None = None, table_rows: int = 0, table_ways: int = 0):
+        """table_fd: the socket table's descriptor (its ages in state are
+        read when given), of `table_rows` rows of `table_ways` sockets."""
         self.layout = layout
         self._arrays: dict[str, MappedArray] = {}
+        self.table: MappedTable | None = None
         try:
             for name, spec in layout.items():
                 rows = cpus if spec.per_cpu else 1
                 self._arrays[name] = MappedArray(map_fds[name], spec.cells * rows,
                                                  np.dtype(spec.dtype), rows, spec.writable)
+            if table_fd is not None:
+                self.table = MappedTable(table_fd, table_rows, table_ways)
         except BaseException:
             self.close()
             raise
@@ -132,7 +146,14 @@ class ServeMaps:
 
     def snapshot(self, table_capacity: int, missed_events: int) -> Snapshot:
         tracked = self.read_map("live_tracked")
-        live = tracked + self.read_map("live_untracked")
+        untracked = self.read_map("live_untracked")
+        live = tracked + untracked
+        ages = {}
+        if self.table is not None:
+            buckets, sums = age_histogram(self.table.live_entries(), time.monotonic_ns(),
+                                          self.layout["live_tracked"].shape[0])
+            ages = dict(age_buckets=buckets, age_sum_ns=sums,
+                        age_unknown=np.maximum(untracked, 0))
         return Snapshot(
             transitions=self.read_map("transitions"),
             duration_buckets=self.read_map("state_duration_buckets"),
@@ -145,9 +166,13 @@ class ServeMaps:
             table_entries=max(int(tracked.sum()), 0),
             table_capacity=table_capacity,
             missed_events=missed_events,
+            **ages,
         )
 
     def close(self) -> None:
         for array in self._arrays.values():
             array.close()
         self._arrays = {}
+        if self.table is not None:
+            self.table.close()
+            self.table = None

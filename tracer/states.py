@@ -99,5 +99,10 @@ GAUGE_STATES: tuple[str, ...] = (
     "close_wait", "last_ack", "closing", "time_wait",
 )
 
+# States a full socket holds in the socket table, whose age in state is
+# exported: the live-socket gauge's but TIME-WAIT (a mini-socket the
+# program never sees enter it).
+TABLE_STATES: tuple[str, ...] = tuple(s for s in GAUGE_STATES if s != "time_wait")
+
 FAMILIES: tuple[str, ...] = ("ipv4", "ipv6")  # index = the BPF family index
 SIDES: tuple[str, ...] = ("", "client", "server")  # index = the BPF side code

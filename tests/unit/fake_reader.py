@@ -25,6 +25,9 @@ class FakeReader:
             live=np.zeros((slots, f, s), np.int64),
             counters={name: 0 for name in COUNTERS},
             table_capacity=1024,
+            age_buckets=np.zeros((slots, f, s, b), np.uint64),
+            age_sum_ns=np.zeros((slots, f, s), np.float64),
+            age_unknown=np.zeros((slots, f, s), np.int64),
         )
         self._time_wait = time_wait
         self.fail = set()  # parts that raise: "bpf", "time_wait"
@@ -50,6 +53,15 @@ class FakeReader:
 
     def live(self, family: str, state: str, count: int, port: str | None = None):
         self.snapshot.live[self._slot(port), FAMILIES.index(family), code_of(state)] = count
+
+    def age(self, family: str, state: str, slot: int, count: int, sum_ns: float,
+            port: str | None = None):
+        index = (self._slot(port), FAMILIES.index(family), code_of(state))
+        self.snapshot.age_buckets[index + (slot,)] += count
+        self.snapshot.age_sum_ns[index] += sum_ns
+
+    def age_unknown(self, family: str, state: str, count: int, port: str | None = None):
+        self.snapshot.age_unknown[self._slot(port), FAMILIES.index(family), code_of(state)] = count
 
     def read(self) -> Snapshot:
         if "bpf" in self.fail:

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from prometheus_client.utils import floatToGoString
 from prometheus_client import CollectorRegistry, generate_latest
 
 from tracer import metrics as m
@@ -40,6 +41,9 @@ def example_reader() -> FakeReader:
     reader.lifetime("ipv4", "client", slot=12, count=9, sum_ns=9 * 4_000_000, port="80")
     reader.live("ipv4", "established", 4, port="80")
     reader.live("ipv4", "listen", 1, port="5432")
+    reader.age("ipv4", "established", slot=20, count=3, sum_ns=3 * 600e6, port="80")
+    reader.age("ipv4", "established", slot=30, count=1, sum_ns=700e9, port="80")
+    reader.age_unknown("ipv4", "listen", 1, port="5432")
     reader.snapshot.counters.update(evictions=2, duration_unknown=6, other_protocol=1)
     reader.snapshot.table_entries = 7
     reader.snapshot.missed_events = 0
@@ -148,6 +152,25 @@ def test_time_wait_turned_off_is_neither_exported_nor_failing():
     assert value(m.SCRAPE_SUCCESS, {"collector": "bpf"}) == 1
     assert value(m.SOCKETS, {"family": "", "state": "time_wait", "port": ""}) is None
     assert value(m.SOCKETS, {"family": "ipv4", "state": "established", "port": "80"}) == 4
+
+
+def test_ages_in_state_are_a_cumulative_gauge_histogram_with_unknowns_apart():
+    value = registry_for(example_reader()).get_sample_value
+    labels = {"family": "ipv4", "state": "established", "port": "80"}
+    bucket = m.SOCKET_STATE_AGE + "_bucket"
+    assert value(bucket, {**labels, "le": floatToGoString(m.BUCKET_BOUNDS_SECONDS[19])}) == 0
+    assert value(bucket, {**labels, "le": floatToGoString(m.BUCKET_BOUNDS_SECONDS[20])}) == 3
+    assert value(bucket, {**labels, "le": floatToGoString(m.CLOSE_WAIT_STUCK_SECONDS)}) == 3
+    assert value(bucket, {**labels, "le": "+Inf"}) == 4
+    assert value(m.SOCKET_STATE_AGE + "_gcount", labels) == 4
+    assert value(m.SOCKET_STATE_AGE + "_gsum", labels) == pytest.approx(701.8)
+    # a state with no socket of known age has no histogram, but its unknowns
+    listen = {"family": "ipv4", "state": "listen", "port": "5432"}
+    assert value(m.SOCKET_STATE_AGE + "_gcount", listen) is None
+    assert value(m.SOCKET_STATE_AGE_UNKNOWN, listen) == 1
+    assert value(m.SOCKET_STATE_AGE_UNKNOWN, labels) == 0
+    for state in ("time_wait", "close", "new_syn_recv"):
+        assert value(m.SOCKET_STATE_AGE_UNKNOWN, {**labels, "state": state}) is None
 
 
 def test_registering_does_not_read_the_maps():

@@ -217,3 +217,23 @@ def test_readme_shows_the_provisioning_files_as_they_are():
     readme = (generate.HERE.parent / "README.md").read_text()
     for path in sorted((generate.HERE / "provisioning").rglob("*.yaml")):
         assert f"```yaml\n{path.read_text()}```" in readme, path
+
+
+def test_stuck_sockets_panel_and_relabelling_read_the_bucket_at_the_stuck_bound():
+    """The overview's stuck-sockets panel and the TcpstateCloseWaitStuck
+    rule read the age bucket at the bound nearest 10 minutes, which the
+    budget relabelling keeps while it drops the age's other buckets."""
+    from dashboards.scrape import BUDGET_RELABEL
+
+    assert rules.STUCK_LE == "549.755813888"
+    stuck = [target["expr"] for panel, target in panel_queries(DASHBOARDS[generate.OVERVIEW_UID])
+             if panel["title"].startswith("Sockets in their state for over")]
+    assert len(stuck) == 2
+    assert f'{m.SOCKET_STATE_AGE}_bucket' in stuck[0] and f'le="{rules.STUCK_LE}"' in stuck[0]
+    assert m.SOCKET_STATE_AGE_UNKNOWN in stuck[1]
+    keep = [rule for rule in BUDGET_RELABEL if rule.get("source_labels") == ["__name__", "le"]]
+    (rule,) = keep
+    pattern = re.compile(rule["regex"])
+    assert pattern.fullmatch(f"{m.SOCKET_STATE_AGE}_bucket;549.755813888")
+    assert not pattern.fullmatch(f"{m.SOCKET_STATE_AGE}_bucket;1099.511627776")
+    assert not pattern.fullmatch(f"{m.SOCKET_STATE_AGE}_bucket;549x755813888")

@@ -9,11 +9,15 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from tracer.collector import TcpstateCollector
 from tracer.metrics import MAX_SERVICE_PORTS, NBUCKETS
-from tracer.states import FAMILIES, GAUGE_STATES, KNOWN_TRANSITIONS, NSTATES, SIDES, STATES
+from tracer.states import (FAMILIES, GAUGE_STATES, KNOWN_TRANSITIONS, NSTATES, SIDES, STATES,
+                           TABLE_STATES)
 
 from .fake_reader import FakeReader
 
 HISTOGRAM_SAMPLES = NBUCKETS + 2  # a bucket per slot (the last is +Inf), _sum, _count
+# ages in state: a gauge histogram (_gsum, _gcount) and the unknown count,
+# per state a table socket can hold
+AGE_SAMPLES = HISTOGRAM_SAMPLES + 1
 # state_info per state, build_info, table entries and capacity, evictions,
 # duration_unknown, other_protocol, stale entries, unseen sockets, contended
 # updates, missed events, success and duration of 2 parts
@@ -34,6 +38,7 @@ def hard_cap(ports: int) -> int:
             + p * f * pairs * HISTOGRAM_SAMPLES                # state durations
             + p * f * len(SIDES) * HISTOGRAM_SAMPLES           # connection durations
             + p * f * (len(GAUGE_STATES) - 1) + 1              # sockets (+ TIME-WAIT)
+            + p * f * len(TABLE_STATES) * AGE_SAMPLES          # ages in state
             + FIXED)
 
 
@@ -46,6 +51,7 @@ def real_bound(ports: int) -> int:
             + p * f * timed * HISTOGRAM_SAMPLES
             + p * f * 2 * HISTOGRAM_SAMPLES
             + p * f * (len(GAUGE_STATES) - 1) + 1
+            + p * f * len(TABLE_STATES) * AGE_SAMPLES
             + FIXED)
 
 
@@ -61,7 +67,8 @@ def test_every_cell_filled_gives_exactly_the_hard_cap(ports):
     reader = FakeReader(ports=tuple(range(1000, 1000 + ports)), time_wait=3)
     snap = reader.snapshot
     for array in (snap.transitions, snap.duration_buckets, snap.duration_sum_ns,
-                  snap.connection_buckets, snap.connection_sum_ns, snap.live):
+                  snap.connection_buckets, snap.connection_sum_ns, snap.live,
+                  snap.age_buckets, snap.age_sum_ns, snap.age_unknown):
         array[...] = 1
     assert series_of(reader) == hard_cap(ports)
 
@@ -80,10 +87,12 @@ def test_every_real_transition_gives_exactly_the_real_bound(ports):
                 reader.lifetime(family, side, slot=3, count=1, sum_ns=5, port=port)
             for state in GAUGE_STATES:
                 reader.live(family, state, 1, port=port)
+            for state in TABLE_STATES:
+                reader.age(family, state, slot=3, count=1, sum_ns=5, port=port)
     assert series_of(reader) == real_bound(ports)
 
 
 def test_the_stated_numbers():
     """The figures in the README's "Limits and guarantees"."""
-    assert (real_bound(0), real_bound(MAX_SERVICE_PORTS)) == (1_527, 49_527)
-    assert (hard_cap(0), hard_cap(MAX_SERVICE_PORTS)) == (12_767, 420_447)
+    assert (real_bound(0), real_bound(MAX_SERVICE_PORTS)) == (2_193, 71_505)
+    assert (hard_cap(0), hard_cap(MAX_SERVICE_PORTS)) == (13_433, 442_425)
