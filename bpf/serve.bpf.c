@@ -6,7 +6,7 @@
  * aggregated here, in per-CPU cells of memory-mapped arrays, so that user
  * space reads totals at scrape time with no system call and does no work
  * per event: transition counters, per-state and per-connection duration
- * histograms, and live sockets per state.
+ * histograms, live sockets per state, and (CLOSE_REASONS) closes by reason.
  */
 #include "tcpstate.h"
 
@@ -103,6 +103,29 @@ MMAPABLE_ARRAY(live_tracked, s64, NCPUS * NLIVE);
  * user space from every namespace at start, drained by the transitions of
  * sockets the table does not know, never below zero. Shared, so atomics. */
 MMAPABLE_ARRAY(live_untracked, s64, NLIVE);
+
+#ifdef CLOSE_REASONS
+#define CLOSE_INDEX(port, fam, old, reason) \
+    ((((port) * NFAMILIES + (fam)) * NSTATES + (old)) * NREASONS + (reason))
+#define NCLOSES (NPORT_SLOTS * NFAMILIES * NSTATES * NREASONS)
+MMAPABLE_ARRAY(closes, u64, NCPUS * NCLOSES);
+/* evidence -> reason code: written once by user space before attach */
+BPF_ARRAY(close_reason, u8, CLOSE_EVIDENCE_CELLS);
+
+static __always_inline u32 reason_of(u32 evidence)
+{
+    u8 *reason = close_reason.lookup(&evidence);
+    return reason ? *reason % NREASONS : REASON_OTHER;
+}
+
+static __always_inline void count_close(u32 cpu, u32 index)
+{
+    u32 key = cpu * NCLOSES + index;
+    u64 *value = closes.lookup(&key);
+    if (value)
+        CELL_ADD(value, 1);
+}
+#endif
 
 static __always_inline void add_cell(u64 *cell, u64 value)
 {
@@ -288,6 +311,10 @@ STATE_CHANGE_HANDLER(on_state_change)
     }
 
     if (c.new == TCP_CLOSE) {
+#ifdef CLOSE_REASONS
+        /* only here: the other transitions' path stays as it was */
+        count_close(cpu, CLOSE_INDEX(port, fam, c.old, close_reason_code(ctx, &c)));
+#endif
         if (entry) {
             if (entry->state && entry->born_ns && entry->side)
                 observe_connection(cpu, CONN_INDEX(port, fam, entry->side % NSIDES),

@@ -9,6 +9,7 @@ from __future__ import annotations
 PREFIX = "tcpstate"
 
 TRANSITIONS = f"{PREFIX}_transitions_total"
+CLOSES = f"{PREFIX}_closes_total"
 STATE_DURATION = f"{PREFIX}_state_duration_seconds"
 CONNECTION_DURATION = f"{PREFIX}_connection_duration_seconds"
 SOCKETS = f"{PREFIX}_sockets"
@@ -74,6 +75,7 @@ def slot_of_ns(ns: int) -> int:
 
 # ---- label sets --------------------------------------------------------
 TRANSITION_LABELS = ("family", "old_state", "new_state")
+CLOSE_LABELS = ("family", "old_state", "reason")
 CONNECTION_LABELS = ("family", "side")
 SOCKETS_LABELS = ("family", "state")
 STATE_INFO_LABELS = ("state", "kernel_code", "mib_code", "rfc793_name")
