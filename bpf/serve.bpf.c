@@ -8,6 +8,13 @@
  * per event: transition counters, per-state and per-connection duration
  * histograms, live sockets per state, and (CLOSE_REASONS) closes by reason.
  */
+/* With close reasons a close copies sk_err and sk_lock.owned from the
+ * socket; it pays for that copy by reading inet_sport only where it needs
+ * the port (tcpstate.h): most closes find their port in the table. bench/
+ * (figure 1c) also builds the program without reasons with it. */
+#if defined(CLOSE_REASONS) && !defined(LAZY_CLOSE_SPORT)
+#define LAZY_CLOSE_SPORT
+#endif
 #include "tcpstate.h"
 
 /* ---- maps the shared code uses (see tcpstate.h) ---------------------------- */
@@ -274,6 +281,8 @@ STATE_CHANGE_HANDLER(on_state_change)
         return 0;
     }
     u32 cpu = c.cpu;
+    if (c.old == TCP_LISTEN)
+        resolve_sport(ctx, &c);
     count_listeners(&c);
     u64 now = bpf_ktime_get_ns();
     u32 row_index = row_of(c.sk);
@@ -282,6 +291,8 @@ STATE_CHANGE_HANDLER(on_state_change)
         return 0;
     u32 way;
     struct sock_entry *entry = entry_of(cpu, row, &c, &way);
+    if ((!entry || !entry->state) && !c.birth)
+        resolve_sport(ctx, &c);   /* port_slot_unseen reads it */
     if (entry && !entry->state) {
         entry->family = c.fam;
         entry->port_slot = c.birth ? port_slot_at_birth(&c) : port_slot_unseen(&c);
@@ -299,7 +310,15 @@ STATE_CHANGE_HANDLER(on_state_change)
         fam = c.fam;
     }
     u32 index = TRANSITION_INDEX(port, fam, c.old, c.new);
-    count_transition(cpu, index);
+#ifdef CLOSE_REASONS
+    /* A close is counted once, by reason: user space sums the reasons
+     * into its transition (tracer/serve_maps.py), so a close costs one
+     * more copy from the socket, not one more count. */
+    if (c.new == TCP_CLOSE)
+        count_close(cpu, CLOSE_INDEX(port, fam, c.old, close_reason_code(ctx, &c)));
+    else
+#endif
+        count_transition(cpu, index);
 
     if (entry && entry->state) {
         observe_state(cpu, index, now - entry->entered_ns);
@@ -311,10 +330,6 @@ STATE_CHANGE_HANDLER(on_state_change)
     }
 
     if (c.new == TCP_CLOSE) {
-#ifdef CLOSE_REASONS
-        /* only here: the other transitions' path stays as it was */
-        count_close(cpu, CLOSE_INDEX(port, fam, c.old, close_reason_code(ctx, &c)));
-#endif
         if (entry) {
             if (entry->state && entry->born_ns && entry->side)
                 observe_connection(cpu, CONN_INDEX(port, fam, entry->side % NSIDES),

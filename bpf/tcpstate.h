@@ -83,6 +83,7 @@ struct state_change {
     u16 sk_family;          /* AF_INET or AF_INET6: where the addresses are */
     u16 sport, dport;       /* host order */
     bool birth;
+    bool sport_pending;     /* LAZY_CLOSE_SPORT: sport not read yet (resolve_sport) */
 #ifdef RAW_TRACEPOINT
     u8 head[SK_HEAD_LEN];   /* the copy of sock_common's span */
 #endif
@@ -176,19 +177,39 @@ static __always_inline int read_change(struct bpf_raw_tracepoint_args *ctx,
         return -1;
     __builtin_memcpy(&num, HEAD_AT(c, SK_NUM), sizeof(num));
     __builtin_memcpy(&dport, HEAD_AT(c, SK_DPORT), sizeof(dport));
+    c->old = (u32)ctx->args[1];
+    c->new = (u32)ctx->args[2];
+#ifdef LAZY_CLOSE_SPORT
+    /* A program that defines this reads inet_sport at a close only where
+     * it needs the port (resolve_sport): most closes find it in the
+     * socket's table entry, and the copy is a helper call. */
+    if (num == 0 && c->new == TCP_CLOSE)
+        c->sport_pending = true;
+    else
+#endif
     if (num == 0) {
         u16 sport = 0;
         SK_READ(&sport, sk, SK_SPORT, sizeof(sport));
         num = bpf_ntohs(sport);
     }
     c->sk = (u64)sk;
-    c->old = (u32)ctx->args[1];
-    c->new = (u32)ctx->args[2];
     c->sk_family = family;
     c->sport = num;
     c->dport = bpf_ntohs(dport);
     finish_change(c);
     return 0;
+}
+
+/* The local port of a close whose read read_change put off. */
+static __always_inline void resolve_sport(struct bpf_raw_tracepoint_args *ctx,
+                                          struct state_change *c)
+{
+    if (c->sport_pending) {
+        u16 sport = 0;
+        SK_READ(&sport, (const void *)ctx->args[0], SK_SPORT, sizeof(sport));
+        c->sport = bpf_ntohs(sport);
+        c->sport_pending = false;
+    }
 }
 
 #ifdef CLOSE_REASONS
@@ -224,8 +245,11 @@ static __always_inline u32 close_evidence(struct bpf_raw_tracepoint_args *ctx,
 
 /* The reason code of a transition into CLOSE. */
 static __always_inline u32 close_reason_code(struct bpf_raw_tracepoint_args *ctx,
-                                             const struct state_change *c)
+                                             struct state_change *c)
 {
+    /* the table asks whether the port is 0 of SYN_SENT closes only */
+    if (c->old == TCP_SYN_SENT)
+        resolve_sport(ctx, c);
     return reason_of(close_evidence(ctx, c));
 }
 #endif
@@ -256,6 +280,8 @@ static __always_inline void read_addresses(struct bpf_raw_tracepoint_args *ctx,
 
 static __always_inline bool tcp_proto_known(u64 proto) { return false; }
 static __always_inline void tcp_proto_learn(u64 proto) {}
+/* The record carries the port: nothing is put off. */
+#define resolve_sport(ctx, c) do {} while (0)
 
 /* A macro: the record's struct exists only from the handler on. Every field
  * is read once, here: clang must not keep pointers into the context, which

@@ -161,6 +161,15 @@ def close_offsets(btf: Btf) -> dict[str, int]:
     return offsets
 
 
+def without_close_reasons(attachment: Attachment) -> Attachment:
+    """The same attachment with close reasons off (bench/: the program with
+    and without them, side by side)."""
+    dropped = {*CLOSE_MEMBERS, "SK_CLOSE", "SK_CLOSE_LEN"}
+    return Attachment(attachment.kind,
+                      {k: v for k, v in attachment.offsets.items() if k not in dropped},
+                      attachment.reason)
+
+
 REASONS_OFF = ("close reasons are off: they need the raw tracepoint and the kernel's "
                "BTF (/sys/kernel/btf/vmlinux)")
 

@@ -14,11 +14,12 @@ from .maps import MappedArray, WrappingSums
 from .metrics import NBUCKETS, OTHER_PORT
 from .program import COUNTERS
 from .reasons import TABLE_CELLS as CLOSE_EVIDENCE_CELLS, NREASONS
-from .states import FAMILIES, NSTATES, SIDES
+from .states import FAMILIES, NSTATES, SIDES, code_of
 
 NFAMILIES = len(FAMILIES)
 NSIDES = len(SIDES)
 SUMS = ("state_duration_sum_ns", "connection_duration_sum_ns")
+CLOSE = code_of("close")
 # bpf/tcpstate.h: a table row holds a key (8 bytes) and an entry (24) per socket
 SOCKET_ENTRY_BYTES = 32
 
@@ -141,15 +142,20 @@ class ServeMaps:
     def snapshot(self, table_capacity: int, missed_events: int) -> Snapshot:
         tracked = self.read_map("live_tracked")
         live = tracked + self.read_map("live_untracked")
+        transitions = self.read_map("transitions")
+        closes = self.read_map("closes") if "closes" in self.layout else None
+        if closes is not None:
+            # the program counts a close once, by reason (bpf/serve.bpf.c)
+            transitions[..., CLOSE] += closes.sum(axis=-1, dtype=transitions.dtype)
         return Snapshot(
-            transitions=self.read_map("transitions"),
+            transitions=transitions,
             duration_buckets=self.read_map("state_duration_buckets"),
             duration_sum_ns=self.read_map("state_duration_sum_ns"),
             connection_buckets=self.read_map("connection_duration_buckets"),
             connection_sum_ns=self.read_map("connection_duration_sum_ns"),
             live=np.maximum(live, 0),
             counters=self.read_counters(),
-            closes=self.read_map("closes") if "closes" in self.layout else None,
+            closes=closes,
             # every table entry is a live socket counted in its state
             table_entries=max(int(tracked.sum()), 0),
             table_capacity=table_capacity,
