@@ -324,7 +324,7 @@ def test_columns_are_aligned_for_both_families(lab):
     result = run_trace(workload, "--port", str(port))
     header = result.header
     assert header.split() == ["TIME", "PID", "COMM", "LADDR", "LPORT", "RADDR", "RPORT",
-                              "OLDSTATE", "->", "NEWSTATE", "MS"]
+                              "OLDSTATE", "->", "NEWSTATE", "REASON", "MS"]
     body = result.body
     assert len(result.lines(mine)) == 24
     assert {len(line) for line in body} == {len(header)}
@@ -333,7 +333,7 @@ def test_columns_are_aligned_for_both_families(lab):
         end = header.index(title) + len(title)
         assert all(line[end - 1] != " " and line[end:end + 1] in ("", " ")
                    for line in body), title
-    for title in ("COMM", "LADDR", "RADDR", "OLDSTATE"):
+    for title in ("COMM", "LADDR", "RADDR", "OLDSTATE", "REASON"):
         start = header.index(title)
         assert all(line[start - 1] == " " and line[start] != " " for line in body), title
 
