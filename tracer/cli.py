@@ -120,12 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
 
-    from .program import REASONS_OFF
+    from .program import REASONS_NEED
 
     serve = commands.add_parser(
         "serve", help="export TCP state metrics for Prometheus",
         description="Export TCP state metrics for Prometheus, closes by reason among them "
-                    f"(tcpstate_closes_total); {REASONS_OFF}.")
+                    f"(tcpstate_closes_total); {REASONS_NEED}.")
     serve.add_argument("--web.listen-address", dest="listen_address",
                        default=DEFAULT_LISTEN_ADDRESS, metavar="HOST:PORT", type=_listen_address,
                        help=f"address to serve metrics on (default {DEFAULT_LISTEN_ADDRESS})")

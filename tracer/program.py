@@ -170,14 +170,18 @@ def without_close_reasons(attachment: Attachment) -> Attachment:
                       attachment.reason)
 
 
+REASONS_NEED = ("close reasons need the raw tracepoint and the kernel's BTF "
+                "(/sys/kernel/btf/vmlinux); without, they are off")
 REASONS_OFF = ("close reasons are off: they need the raw tracepoint and the kernel's "
                "BTF (/sys/kernel/btf/vmlinux)")
 
 
 def warn_if_reasons_off(attachment: Attachment) -> None:
-    """The one line at start that says close reasons are not available."""
-    if not attachment.close_reasons:
-        log.warning("%s; attached to the %s", REASONS_OFF, attachment.describe())
+    """The one line at start that says close reasons are not available,
+    unless the fallback's line said it already."""
+    if attachment.close_reasons or (attachment.kind == TRACEPOINT and attachment.reason):
+        return
+    log.warning("%s; attaching to the %s", REASONS_OFF, attachment.describe())
 
 
 def choose_attachment(requested: str = AUTO, btf_path: str | None = None,
@@ -211,7 +215,7 @@ def choose_attachment(requested: str = AUTO, btf_path: str | None = None,
 def _fallback(reason: str) -> Attachment:
     """The classic tracepoint, with the one warning that says why."""
     log.warning("attaching to the classic tracepoint, which map reads and other "
-                "BPF programs can make skip events: %s", reason)
+                "BPF programs can make skip events; close reasons are off: %s", reason)
     return Attachment(TRACEPOINT, {}, reason)
 
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from .errors import EXIT_KERNEL_VERSION, TcpstateError, UsageError
 from .prereq import TRACE_NEEDS, check_all, kernel_features
-from .program import REASONS_OFF, choose_attachment, warn_if_reasons_off
+from .program import REASONS_NEED, REASONS_OFF, choose_attachment, warn_if_reasons_off
 from .probe import TraceFilter, TraceProbe
 from .reasons import CODE as REASON_CODE, REASONS, parse_reasons
 from .ringbuf import RingBufferReader
@@ -146,7 +146,7 @@ def add_trace_parser(subparsers) -> argparse.ArgumentParser:
     filters.add_argument("--reason", dest="reasons", type=_reasons, action="append",
                          default=[], metavar="REASON",
                          help=f"only transitions into close for this reason: "
-                              f"{', '.join(REASONS)} (README, close reasons). {REASONS_OFF}")
+                              f"{', '.join(REASONS)} (README, close reasons); {REASONS_NEED}")
     parser.add_argument("--duration", type=_number(0, False), metavar="SECONDS",
                         help="stop after SECONDS")
     parser.add_argument("--count", type=_number(1, True, int), metavar="N",

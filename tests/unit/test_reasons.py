@@ -130,3 +130,23 @@ def test_readme_table_names_every_reason():
     section = text[text.index("### Close reasons"):]
     rows = re.findall(r"^\| `(\w+)` \|", section, re.M)
     assert rows[:len(REASONS)] == list(REASONS)
+
+
+def test_one_line_says_reasons_are_off(caplog):
+    """Forced classic tracepoint: one line; a fallback's own line says it
+    (one line in all); the raw tracepoint with the offsets: none."""
+    import logging
+
+    from tracer.program import _fallback, warn_if_reasons_off
+
+    with caplog.at_level(logging.WARNING, logger="tracer.program"):
+        warn_if_reasons_off(Attachment(TRACEPOINT, {}))
+        assert [r.getMessage() for r in caplog.records] == [
+            "close reasons are off: they need the raw tracepoint and the kernel's BTF "
+            "(/sys/kernel/btf/vmlinux); attaching to the tracepoint sock:inet_sock_set_state"]
+        caplog.clear()
+        warn_if_reasons_off(_fallback("no BTF"))
+        assert len(caplog.records) == 1 and "close reasons are off" in caplog.records[0].getMessage()
+        caplog.clear()
+        warn_if_reasons_off(Attachment(RAW_TRACEPOINT, {"SK_CLOSE": 284}))
+        assert caplog.records == []
