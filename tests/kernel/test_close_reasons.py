@@ -29,7 +29,7 @@ from .test_trace import Trace
 FAMILIES = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
 # this file's service ports: one per test
 PORTS = dict(zip(("normal", "refused", "timeout", "unreachable", "resets", "cancelled",
-                  "no_local_port", "trace"), SERVICE_PORTS[8:16]))
+                  "no_local_port", "trace", "fin_wait2_reset"), SERVICE_PORTS[8:17]))
 LINGER_ZERO = struct.pack("ii", 1, 0)
 
 
@@ -182,6 +182,32 @@ def test_no_local_port(exporter, routed, family):
     counts_exactly(exporter, family, port, before, Counter({("syn_sent", "no_local_port"): 1}))
     for sock in (first, server, listener):
         sock.close()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_reset_received_in_fin_wait2_is_told_from_the_hand_off(exporter, routed, family):
+    """fin_wait2 -> close is also the TIME-WAIT hand-off (`normal`); a RST
+    received there carries ECONNRESET. The client shuts its side down and
+    waits in FIN-WAIT-2; the server, in CLOSE-WAIT, closes with SO_LINGER 0."""
+    port, af = PORTS["fin_wait2_reset"], FAMILIES[family]
+    before = exporter.scrape()
+    listener = routed.listener(af, port)
+    client = routed.connect(af, port)
+    server, _ = listener.accept()
+    client.shutdown(socket.SHUT_WR)
+    assert server.recv(1) == b""
+    # the server acknowledges the FIN after its delayed-ACK timer
+    assert wait_for(lambda: routed.ss_states("client", port)["fin_wait2"] == 1)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_ZERO)
+    server.close()
+    client.settimeout(5)
+    with pytest.raises(ConnectionResetError):
+        client.recv(1)
+    client.close()
+    listener.close()
+    counts_exactly(exporter, family, port, before, Counter(
+        {("fin_wait2", "reset_by_peer"): 1, ("close_wait", "reset_local"): 1,
+         ("listen", "normal"): 1}))
 
 
 def test_every_possible_pair_is_exported_from_start(exporter):
