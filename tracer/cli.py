@@ -191,8 +191,8 @@ def run(args: argparse.Namespace) -> int:
 
         features = kernel_features()
         attachment = choose_attachment(args.attach, features=features)
-        warn_if_reasons_off(attachment)
         check_all(needs=SERVE_NEEDS, features=features, attach=attachment.kind)
+        warn_if_reasons_off(attachment)  # after the checks: a failing one is the only line
         # The loader compiles while this process imports the server's
         # modules (numpy, prometheus_client): on two cores, at once.
         loading = Loading(loader_request(args.service_ports, args.socket_table_size,

@@ -272,8 +272,8 @@ def trace(args: argparse.Namespace) -> int:
     attachment = choose_attachment(args.attach, features=features)
     if filters.reasons and not attachment.close_reasons:
         raise TcpstateError(f"--reason: {REASONS_OFF}", EXIT_KERNEL_VERSION)
-    warn_if_reasons_off(attachment)
     check_all(needs=TRACE_NEEDS, features=features, attach=attachment.kind)
+    warn_if_reasons_off(attachment)  # after the checks: a failing one is the only line
     stop = _Stop()
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
