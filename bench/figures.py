@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import itertools
 import json
 import signal
 import subprocess
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 from tests.kernel.exporter import Exporter, Scrape, prog_ids_of
 from tracer import metrics as m
 from tracer.probe import Probe
-from tracer.program import RAW_TRACEPOINT, TRACEPOINT
+from tracer.program import RAW_TRACEPOINT, TRACEPOINT, choose_attachment, without_close_reasons
+from tracer.states import code_of
 
 from . import ftrace, measure, programs
 from .memory import BEFORE_COMMITS
@@ -222,6 +224,60 @@ def _cost_round(lab: Lab, settings: Settings, readers: dict) -> dict:
     costs = {name: _ns_per_event(before[name], after[name]) for name in readers}
     return {"ns": {name: ns for name, (ns, _) in costs.items()},
             "events": {name: runs for name, (_, runs) in costs.items()}, "churn": churn}
+
+
+REASONS_ON = "serve's default, close reasons on"
+REASONS_OFF = "serve's default, close reasons off"
+REASONS_OFF_LAZY = "close reasons off, port read put off"
+# The program without reasons, with the one change reasons bring to the other
+# closes (bpf/serve.bpf.c, LAZY_CLOSE_SPORT): what reasons cost on their own.
+LAZY_CFLAGS = ("-DLAZY_CLOSE_SPORT",)
+
+
+def close_reasons_cost(lab: Lab, settings: Settings) -> dict:
+    """Figure 1c: what close reasons cost serve's program (raw tracepoint):
+    its ns/event with them over the same program's without them (as it was
+    before reasons), and over the program without them but with the port
+    read put off as reasons put it off. All attached at once, timed on the
+    same events; the kernel runs a hook's programs in attach order, and the
+    first pays for the cache misses, so every order is run and the ratio
+    is of the means. Check: the closes counted by reason are the transitions
+    into CLOSE the program without reasons counted."""
+    on = choose_attachment(RAW_TRACEPOINT)
+    if not on.close_reasons:
+        return {"skipped": "no close reasons on this kernel (BTF)"}
+    off = without_close_reasons(on)
+    with contextlib.ExitStack() as stack:
+        built = {name: stack.enter_context(contextlib.closing(
+                     Probe(attachment=attachment, seed_live_sockets=False, extra_cflags=flags)))
+                 for name, attachment, flags in ((REASONS_ON, on, ()), (REASONS_OFF, off, ()),
+                                                 (REASONS_OFF_LAZY, off, LAZY_CFLAGS))}
+        for program in built.values():
+            program.detach()
+        rounds = []
+        with measure.bpf_stats_enabled():
+            for _ in range(settings.cost_rounds):
+                for order in itertools.permutations(built):
+                    for name in order:
+                        built[name].attach()
+                    try:
+                        measured = _cost_round(lab, settings,
+                                               {name: built[name].prog_stats for name in order})
+                    finally:
+                        for name in order:
+                            built[name].detach()
+                    rounds.append({"order": list(order), "ns": measured["ns"],
+                                   "events": measured["events"][REASONS_ON]})
+        closes = int(built[REASONS_ON].read().closes.sum())
+        into_close = int(built[REASONS_OFF].read().transitions[..., code_of("close")].sum())
+    mean = {name: sum(r["ns"][name] for r in rounds) / len(rounds) for name in built}
+    return {"rounds": rounds, "mean_ns": mean,
+            "ratio": mean[REASONS_ON] / mean[REASONS_OFF],
+            "ratio_to_lazy": mean[REASONS_ON] / mean[REASONS_OFF_LAZY],
+            "closes_counted": closes, "transitions_into_close": into_close,
+            # all attached over the same churns; other tests' events between
+            # two attaches may differ by a few
+            "ok": abs(closes - into_close) <= max(10, into_close // 1000)}
 
 
 def rate_ratios(lab: Lab, settings: Settings) -> dict:

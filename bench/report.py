@@ -9,7 +9,7 @@ from tracer.program import RAW_TRACEPOINT
 
 from . import ages
 from .configs import NOTHING_PORT
-from .figures import ALL_FEATURES, SERVE_DEFAULT
+from .figures import ALL_FEATURES, REASONS_OFF, REASONS_OFF_LAZY, REASONS_ON, SERVE_DEFAULT
 from .svg import bar_chart
 
 MIB = 1024 * 1024
@@ -20,6 +20,7 @@ TARGET_CPU_PERCENT = 1.0
 TARGET_P99_MS = 50
 TARGET_STOP_SECONDS = 1.0    # reliability issue: SIGTERM/SIGINT during churn, exit 0 within 1 s
 TARGET_EVICTIONS = 0.01
+TARGET_REASONS_RATIO = 1.05  # issue 16: serve's ns/event with close reasons / without
 TARGET_TRACE_ALL = 0.9       # trace issue: printing everything, zero lost
 TARGETS = {"tcpstate serve": TARGET_RATIO, "tcpstate serve --service-ports": TARGET_RATIO,
            "tcpstate trace": TARGET_TRACE_ALL,
@@ -263,6 +264,37 @@ def _memory(data: dict, figures: dict, out: Path, failures: list[str]) -> list[s
     return lines
 
 
+def _close_reasons(data: dict, figures: dict, out: Path, failures: list[str]) -> list[str]:
+    lines = ["### 1c. What close reasons cost serve's program (raw tracepoint)", ""]
+    if "skipped" in data:
+        return lines + [f"Skipped: {data['skipped']}."]
+    if not data["ok"]:
+        failures.append(f"close reasons: {data['closes_counted']:,} closes counted, "
+                        f"{data['transitions_into_close']:,} transitions into close")
+    names = (REASONS_ON, REASONS_OFF, REASONS_OFF_LAZY)
+    lines += ["Serve's program with close reasons, the same program without them (as it "
+              "was before them), and without them but reading a close's local port only "
+              "where needed as the program with them does (`-DLAZY_CLOSE_SPORT`): attached "
+              "at once, timed on the same events (run_time_ns / run_cnt, "
+              "`kernel.bpf_stats_enabled=1`), in every attach order (the first attached "
+              "pays for the cache misses); ratios of the means over all rounds.", "",
+              "| round | attach order | " + " | ".join(f"{n} ns/event" for n in names)
+              + " | events |", "|---:|---|" + "---:|" * len(names) + "---:|"]
+    short = {REASONS_ON: "on", REASONS_OFF: "off", REASONS_OFF_LAZY: "off-lazy"}
+    for index, r in enumerate(data["rounds"], start=1):
+        lines.append(f"| {index} | {', '.join(short[n] for n in r['order'])} | "
+                     + " | ".join(f"{r['ns'][n]:.1f}" for n in names) + f" | {r['events']:,} |")
+    ratio = data["ratio"]
+    lines += ["", "Means: " + ", ".join(f"{n} {data['mean_ns'][n]:.1f} ns" for n in names) + ".",
+              f"Target: reasons on / off <= {TARGET_REASONS_RATIO}: {ratio:.3f}, "
+              f"{_met(ratio <= TARGET_REASONS_RATIO)}; on / off with the port read put off: "
+              f"{data['ratio_to_lazy']:.3f} (what the copy of `sk_err` and `sk_lock.owned` "
+              f"costs on its own). Every close got a reason: {data['closes_counted']:,} "
+              f"closes by reason, {data['transitions_into_close']:,} transitions into close "
+              f"counted without reasons ({'agree' if data['ok'] else 'DISAGREE'})."]
+    return lines
+
+
 def _first_count(data: dict, figures: dict, out: Path, failures: list[str]) -> list[str]:
     return ["### 6. From start to the first scrape that counts events", "",
             f"Median {data['median_seconds']:.2f} s (runs: "
@@ -463,6 +495,7 @@ def _memory_and_start(data: dict, figures: dict, out: Path, failures: list[str])
 
 RENDERERS = (
     ("kernel_cost", _kernel_cost),
+    ("reasons", _close_reasons),
     ("rates", _rates),
     ("serve_cpu", _serve_cpu),
     ("scrape_latency", _scrape_latency),

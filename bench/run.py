@@ -25,6 +25,7 @@ from .lab import Lab
 
 FIGURES = {
     "kernel_cost": figures.kernel_cost,
+    "reasons": figures.close_reasons_cost,
     "rates": figures.rate_ratios,
     "serve_cpu": figures.serve_cpu,
     "scrape_latency": figures.scrape_latency,

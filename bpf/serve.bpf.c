@@ -6,8 +6,15 @@
  * aggregated here, in per-CPU cells of memory-mapped arrays, so that user
  * space reads totals at scrape time with no system call and does no work
  * per event: transition counters, per-state and per-connection duration
- * histograms, and live sockets per state.
+ * histograms, live sockets per state, and (CLOSE_REASONS) closes by reason.
  */
+/* With close reasons a close copies sk_err and sk_lock.owned from the
+ * socket; it pays for that copy by reading inet_sport only where it needs
+ * the port (tcpstate.h): most closes find their port in the table. bench/
+ * (figure 1c) also builds the program without reasons with it. */
+#if defined(CLOSE_REASONS) && !defined(LAZY_CLOSE_SPORT)
+#define LAZY_CLOSE_SPORT
+#endif
 #include "tcpstate.h"
 
 /* ---- maps the shared code uses (see tcpstate.h) ---------------------------- */
@@ -111,6 +118,29 @@ MMAPABLE_ARRAY(live_tracked, s64, NCPUS * NLIVE);
  * user space from every namespace at start, drained by the transitions of
  * sockets the table does not know, never below zero. Shared, so atomics. */
 MMAPABLE_ARRAY(live_untracked, s64, NLIVE);
+
+#ifdef CLOSE_REASONS
+#define CLOSE_INDEX(port, fam, old, reason) \
+    ((((port) * NFAMILIES + (fam)) * NSTATES + (old)) * NREASONS + (reason))
+#define NCLOSES (NPORT_SLOTS * NFAMILIES * NSTATES * NREASONS)
+MMAPABLE_ARRAY(closes, u64, NCPUS * NCLOSES);
+/* evidence -> reason code: written once by user space before attach */
+BPF_ARRAY(close_reason, u8, CLOSE_EVIDENCE_CELLS);
+
+static __always_inline u32 reason_of(u32 evidence)
+{
+    u8 *reason = close_reason.lookup(&evidence);
+    return reason ? *reason % NREASONS : REASON_OTHER;
+}
+
+static __always_inline void count_close(u32 cpu, u32 index)
+{
+    u32 key = cpu * NCLOSES + index;
+    u64 *value = closes.lookup(&key);
+    if (value)
+        CELL_ADD(value, 1);
+}
+#endif
 
 static __always_inline void add_cell(u64 *cell, u64 value)
 {
@@ -269,6 +299,8 @@ STATE_CHANGE_HANDLER(on_state_change)
         return 0;
     }
     u32 cpu = c.cpu;
+    if (c.old == TCP_LISTEN)
+        resolve_sport(ctx, &c);
     count_listeners(&c);
     u64 now = bpf_ktime_get_ns();
     u32 row_index = row_of(c.sk);
@@ -277,6 +309,8 @@ STATE_CHANGE_HANDLER(on_state_change)
         return 0;
     u32 way;
     struct sock_entry *entry = entry_of(cpu, row, &c, &way);
+    if ((!entry || !entry->state) && !c.birth)
+        resolve_sport(ctx, &c);   /* port_slot_unseen reads it */
     if (entry && !entry->state) {
         entry->family = c.fam;
         entry->port_slot = c.birth ? port_slot_at_birth(&c) : port_slot_unseen(&c);
@@ -294,7 +328,15 @@ STATE_CHANGE_HANDLER(on_state_change)
         fam = c.fam;
     }
     u32 index = TRANSITION_INDEX(port, fam, c.old, c.new);
-    count_transition(cpu, index);
+#ifdef CLOSE_REASONS
+    /* A close is counted once, by reason: user space sums the reasons
+     * into its transition (tracer/serve_maps.py), so a close costs one
+     * more copy from the socket, not one more count. */
+    if (c.new == TCP_CLOSE)
+        count_close(cpu, CLOSE_INDEX(port, fam, c.old, close_reason_code(ctx, &c)));
+    else
+#endif
+        count_transition(cpu, index);
 
     if (entry && entry->state) {
         observe_state(cpu, index, now - entry->entered_ns);

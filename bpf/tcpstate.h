@@ -20,6 +20,9 @@
  *   NCPUS            possible CPUs: rows of the per-CPU cells
  *   REENTRANT        the program may interrupt itself on one CPU (a raw
  *                    tracepoint before Linux 6.1): per-CPU cells add atomically
+ *   CLOSE_REASONS    classify transitions into CLOSE (raw tracepoint only):
+ *                    NREASONS, NERRNO_SLOTS, REASON_OTHER and the offsets
+ *                    SK_CLOSE, SK_CLOSE_LEN, SK_ERR, SK_OWNED come with it
  */
 #include <uapi/linux/in.h>
 #include <linux/socket.h>
@@ -80,6 +83,7 @@ struct state_change {
     u16 sk_family;          /* AF_INET or AF_INET6: where the addresses are */
     u16 sport, dport;       /* host order */
     bool birth;
+    bool sport_pending;     /* LAZY_CLOSE_SPORT: sport not read yet (resolve_sport) */
 #ifdef RAW_TRACEPOINT
     u8 head[SK_HEAD_LEN];   /* the copy of sock_common's span */
 #endif
@@ -173,20 +177,82 @@ static __always_inline int read_change(struct bpf_raw_tracepoint_args *ctx,
         return -1;
     __builtin_memcpy(&num, HEAD_AT(c, SK_NUM), sizeof(num));
     __builtin_memcpy(&dport, HEAD_AT(c, SK_DPORT), sizeof(dport));
+    c->old = (u32)ctx->args[1];
+    c->new = (u32)ctx->args[2];
+#ifdef LAZY_CLOSE_SPORT
+    /* A program that defines this reads inet_sport at a close only where
+     * it needs the port (resolve_sport): most closes find it in the
+     * socket's table entry, and the copy is a helper call. */
+    if (num == 0 && c->new == TCP_CLOSE)
+        c->sport_pending = true;
+    else
+#endif
     if (num == 0) {
         u16 sport = 0;
         SK_READ(&sport, sk, SK_SPORT, sizeof(sport));
         num = bpf_ntohs(sport);
     }
     c->sk = (u64)sk;
-    c->old = (u32)ctx->args[1];
-    c->new = (u32)ctx->args[2];
     c->sk_family = family;
     c->sport = num;
     c->dport = bpf_ntohs(dport);
     finish_change(c);
     return 0;
 }
+
+/* The local port of a close whose read read_change put off. */
+static __always_inline void resolve_sport(struct bpf_raw_tracepoint_args *ctx,
+                                          struct state_change *c)
+{
+    if (c->sport_pending) {
+        u16 sport = 0;
+        SK_READ(&sport, (const void *)ctx->args[0], SK_SPORT, sizeof(sport));
+        c->sport = bpf_ntohs(sport);
+        c->sport_pending = false;
+    }
+}
+
+#ifdef CLOSE_REASONS
+#if !defined(SK_CLOSE) || !defined(SK_CLOSE_LEN) || !defined(SK_ERR) || !defined(SK_OWNED)
+#error "close reasons need the SK_CLOSE* offsets of tracer/program.py (from BTF)"
+#endif
+/* The number of cells of each program's close_reason map, which user space
+ * fills from tracer/reasons.py, the one home of the table. */
+#define CLOSE_EVIDENCE_CELLS (NSTATES * NERRNO_SLOTS * 2 * 2)
+static __always_inline u32 reason_of(u32 evidence);
+
+/* What tells why a socket enters CLOSE, read only then, in one copy:
+ * sk_err, which every kernel error path writes before the transition; and
+ * sk_lock.owned, set while a process holds the socket in its system call
+ * (lock_sock). Softirq and timers run with it 0 or defer their work to
+ * release_sock(), where it is still 1; the program cannot read the
+ * preempt count's softirq bits from a raw tracepoint, and "a process holds
+ * the socket" is the fact the table needs (the owner's connect() or close()).
+ * Plus a local port of 0: the socket never got one. The cell of
+ * close_reason (tracer/reasons.py, evidence_key). */
+static __always_inline u32 close_evidence(struct bpf_raw_tracepoint_args *ctx,
+                                          const struct state_change *c)
+{
+    u8 span[SK_CLOSE_LEN];
+    int err = 0, owned = 0;
+    if (SK_READ(span, (const void *)ctx->args[0], SK_CLOSE, SK_CLOSE_LEN) == 0) {
+        __builtin_memcpy(&err, span + (SK_ERR - SK_CLOSE), sizeof(err));
+        __builtin_memcpy(&owned, span + (SK_OWNED - SK_CLOSE), sizeof(owned));
+    }
+    u32 slot = err >= 0 && err < NERRNO_SLOTS - 1 ? (u32)err : NERRNO_SLOTS - 1;
+    return ((c->old * NERRNO_SLOTS + slot) * 2 + (owned != 0)) * 2 + (c->sport == 0);
+}
+
+/* The reason code of a transition into CLOSE. */
+static __always_inline u32 close_reason_code(struct bpf_raw_tracepoint_args *ctx,
+                                             struct state_change *c)
+{
+    /* the table asks whether the port is 0 of SYN_SENT closes only */
+    if (c->old == TCP_SYN_SENT)
+        resolve_sport(ctx, c);
+    return reason_of(close_evidence(ctx, c));
+}
+#endif
 
 /* The addresses as IPv6 (IPv4 as ::ffff:a.b.c.d), for trace's records,
  * from the copy read_change made. */
@@ -214,6 +280,8 @@ static __always_inline void read_addresses(struct bpf_raw_tracepoint_args *ctx,
 
 static __always_inline bool tcp_proto_known(u64 proto) { return false; }
 static __always_inline void tcp_proto_learn(u64 proto) {}
+/* The record carries the port: nothing is put off. */
+#define resolve_sport(ctx, c) do {} while (0)
 
 /* A macro: the record's struct exists only from the handler on. Every field
  * is read once, here: clang must not keep pointers into the context, which

@@ -29,11 +29,13 @@ struct trace_filter {
     u64 min_duration_ns;
     u32 state_mask;         /* bit s: old or new state s; 0 = any */
     u32 family_mask;        /* bit 0 ipv4, bit 1 ipv6; 0 = any */
+    u32 reason_mask;        /* bit r: reason code r (tracer/reasons.py) */
     u8 any_port;            /* filter flags: set when the option was given */
     u8 local_port;
     u8 remote_port;
     u8 pid;
     u8 transition;
+    u8 reason;              /* only closes whose reason is in reason_mask */
     u8 ready;               /* cleared when the trace stops: from then on
                              * nothing more is emitted while the ring
                              * buffer is drained */
@@ -55,6 +57,7 @@ struct trace_event {
     u8 oldstate;
     u8 newstate;
     u8 side;
+    u8 reason;              /* of a transition into CLOSE; NO_REASON otherwise */
     u8 saddr[16];
     u8 daddr[16];
     char owner_comm[TASK_COMM_LEN];
@@ -65,6 +68,19 @@ BPF_ARRAY(trace_ports, u8, 65536);
 BPF_HASH(trace_pids, u32, u8, 1024);
 BPF_ARRAY(trace_transitions, u32, NSTATES);   /* bit new of row old */
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+
+/* NO_REASON (cflag): trace_event.reason of an event that is not a close, or
+ * of any event when the program does not classify closes */
+#ifdef CLOSE_REASONS
+/* evidence -> reason code: written once by user space before attach */
+BPF_ARRAY(close_reason, u8, CLOSE_EVIDENCE_CELLS);
+
+static __always_inline u32 reason_of(u32 evidence)
+{
+    u8 *reason = close_reason.lookup(&evidence);
+    return reason ? *reason % NREASONS : REASON_OTHER;
+}
+#endif
 
 #ifdef RAW_TRACEPOINT
 /* A trace reads sk_protocol every time: it is ad hoc, and keeps no map for
@@ -143,9 +159,12 @@ static __always_inline bool never_wanted(struct trace_filter *filter,
 
 /* The filters that depend on the event (states, duration, owner). */
 static __always_inline bool trace_wanted(struct trace_filter *filter, bool ports_ok,
-                                         u32 old, u32 new, u64 duration_ns, u32 owner_pid)
+                                         u32 old, u32 new, u64 duration_ns, u32 owner_pid,
+                                         u32 reason)
 {
     if (!ports_ok)
+        return false;
+    if (filter->reason && (reason >= 32 || !(filter->reason_mask & (1u << reason))))
         return false;
     if (filter->state_mask &&
         !(filter->state_mask & ((1u << old) | (1u << new))))
@@ -195,10 +214,10 @@ static __always_inline struct trace_event *trace_emit(struct trace_filter *filte
                                                       bool ports_ok,
                                                       const struct state_change *c,
                                                       u64 now, u64 duration_ns,
-                                                      struct sock_entry *entry)
+                                                      struct sock_entry *entry, u32 reason)
 {
     u32 owner_pid = entry ? entry->owner_pid : 0;
-    if (!trace_wanted(filter, ports_ok, c->old, c->new, duration_ns, owner_pid))
+    if (!trace_wanted(filter, ports_ok, c->old, c->new, duration_ns, owner_pid, reason))
         return 0;
     count(c->cpu, C_TRACE_MATCHED);
     struct trace_event *event = events.ringbuf_reserve(sizeof(struct trace_event));
@@ -222,6 +241,7 @@ static __always_inline struct trace_event *trace_emit(struct trace_filter *filte
     event->family = c->fam;
     event->oldstate = c->old;
     event->newstate = c->new;
+    event->reason = reason;
     if (entry && owner_pid)
         __builtin_memcpy(event->owner_comm, entry->owner_comm, TASK_COMM_LEN);
     else
@@ -285,7 +305,13 @@ STATE_CHANGE_HANDLER(on_state_change)
             __builtin_memcpy(entry->owner_comm, comm, TASK_COMM_LEN);
         }
     }
-    struct trace_event *event = trace_emit(filter, ports_ok, &c, now, duration_ns, entry);
+    u32 reason = NO_REASON;
+#ifdef CLOSE_REASONS
+    if (c.new == TCP_CLOSE)
+        reason = close_reason_code(ctx, &c);
+#endif
+    struct trace_event *event = trace_emit(filter, ports_ok, &c, now, duration_ns, entry,
+                                           reason);
     if (event) {
         read_addresses(ctx, &c, event->saddr, event->daddr);
         /* No wake-up per event: user space drains on a short timer. */

@@ -284,6 +284,7 @@ def overview() -> dict:
         [query(rate(m.TRANSITIONS, "port", **transition("established", "close", **NODE_PORT)),
                "port {{port}}")],
         unit="ops", width=8))
+    dash = dash.with_panel(connect_failures_by_reason())
     dash = dash.with_panel(graph(
         "Handshake duration (SYN-SENT -> ESTABLISHED)",
         "Percentiles of the time outgoing connects spent in SYN-SENT: one round trip, "
@@ -317,6 +318,19 @@ def overview() -> dict:
     dash = dash.with_row(db.Row("Per service port"))
     dash = dash.with_panel(port_table())
     return build(dash)
+
+
+def connect_failures_by_reason() -> timeseries.Panel:
+    """Why connects fail: the reasons of SYN-SENT -> CLOSE (README, close reasons)."""
+    return (graph(
+        "Connect failures by reason",
+        "Connects that ended SYN-SENT -> CLOSE, per second, by why: refused (RST, or ICMP "
+        "port unreachable), timeout (no answer: a dropping firewall, a dead host), "
+        "unreachable (ICMP error from a router), cancelled (the program closed it "
+        "while connecting: its own connect timeout), no_local_port (ephemeral ports "
+        "exhausted). Needs the raw tracepoint with BTF (tcpstate_closes_total).",
+        [query(rate(m.CLOSES, "reason", old_state="syn_sent", **NODE_PORT), "{{reason}}")],
+        unit="ops", width=24, stacked=True))
 
 
 def port_table() -> table.Panel:

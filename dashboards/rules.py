@@ -25,6 +25,11 @@ WINDOW = "5m"
 # Alert thresholds: what a demanding SRE pages on, documented in each runbook.
 CONNECT_FAILURE_RATIO = 0.10
 CONNECT_MIN_RATE = 0.2           # connects/s below which a ratio is noise
+# Connects that time out or meet an ICMP error: the network or a firewall,
+# not a peer that answers. Each timeout costs its caller seconds, so a
+# smaller share than of all failures pages.
+CONNECT_NETWORK_FAILURE_RATIO = 0.05
+NETWORK_FAILURE_REASONS = ("timeout", "unreachable")
 CLOSE_WAIT_MIN_SOCKETS = 20
 # A bucket bound (2**29 ns): histogram_quantile interpolates inside a bucket,
 # so a threshold inside one would fire on RTTs of 0.3 s. p99 above a bound
@@ -63,6 +68,9 @@ def _rate(metric: str, by: str, **labels: str) -> str:
 # ---- recorded series (the names the fleet view and alerts read) ----------
 PORT_CONNECT_ATTEMPTS = "instance_port:tcpstate_connect_attempts:rate5m"
 PORT_CONNECT_FAILURES = "instance_port:tcpstate_connect_failures:rate5m"
+PORT_CONNECT_FAILURES_BY_REASON = "instance_port_reason:tcpstate_connect_failures:rate5m"
+CONNECT_FAILURES_BY_REASON = "instance_reason:tcpstate_connect_failures:rate5m"
+CONNECT_NETWORK_FAILURE_RATIO_SERIES = "instance:tcpstate_connect_network_failure:ratio_rate5m"
 PORT_RESETS = "instance_port:tcpstate_resets:rate5m"
 PORT_CLOSE_WAIT = "instance_port:tcpstate_close_wait_sockets:sum"
 PORT_CLOSE_WAIT_STUCK = "instance_port:tcpstate_close_wait_stuck_sockets:sum"
@@ -80,6 +88,9 @@ def handshake_quantile(q: float, buckets: str, by: str) -> str:
     NaN of a window without handshakes, so that it neither ranks nor alerts."""
     return f"histogram_quantile({q}, sum by ({by}, le) ({buckets})) >= 0"
 
+
+_NETWORK_FAILURES = selector(CONNECT_FAILURES_BY_REASON,
+                             reason="~" + "|".join(NETWORK_FAILURE_REASONS))
 
 RECORDS: tuple[Record, ...] = (
     # Every exit from SYN-SENT is a connect's outcome: established, or
@@ -100,10 +111,17 @@ RECORDS: tuple[Record, ...] = (
     Record(PORT_HANDSHAKE_BUCKETS,
            _rate(f"{m.STATE_DURATION}_bucket", f"{_INSTANCE_PORT}, le",
                  **transition("syn_sent", "established"))),
+    # Why connects failed (tcpstate_closes_total: raw tracepoint with BTF only).
+    Record(PORT_CONNECT_FAILURES_BY_REASON,
+           _rate(m.CLOSES, f"{_INSTANCE_PORT}, reason", old_state="syn_sent")),
+    Record(CONNECT_FAILURES_BY_REASON,
+           f"sum by ({_INSTANCE}, reason) ({PORT_CONNECT_FAILURES_BY_REASON})"),
     Record(CONNECT_ATTEMPTS, f"sum by ({_INSTANCE}) ({PORT_CONNECT_ATTEMPTS})"),
     Record(CONNECT_FAILURES, f"sum by ({_INSTANCE}) ({PORT_CONNECT_FAILURES})"),
     # No connects, no ratio (rather than NaN).
     Record(CONNECT_FAILURE_RATIO_SERIES, f"{CONNECT_FAILURES} / ({CONNECT_ATTEMPTS} > 0)"),
+    Record(CONNECT_NETWORK_FAILURE_RATIO_SERIES,
+           f"sum by ({_INSTANCE}) ({_NETWORK_FAILURES}) / ({CONNECT_ATTEMPTS} > 0)"),
     Record(HANDSHAKE_P99, handshake_quantile(0.99, PORT_HANDSHAKE_BUCKETS, _INSTANCE)),
     Record(TABLE_EVICTIONS, _rate(m.SOCKET_TABLE_EVICTIONS, _INSTANCE)),
     Record(MISSED_EVENTS, _rate(m.MISSED_EVENTS, _INSTANCE)),
@@ -124,6 +142,26 @@ ALERTS: tuple[Alert, ...] = (
         "`nstat TcpExtListenOverflows`); timed out means a firewall or an unreachable "
         "peer. Fix the peer or the client's target list; this alert clears 10 minutes "
         "after the ratio drops.",
+    ),
+    Alert(
+        "TcpstateConnectTimeoutsOrUnreachable",
+        f"{CONNECT_NETWORK_FAILURE_RATIO_SERIES} > {CONNECT_NETWORK_FAILURE_RATIO} "
+        f"and on ({_INSTANCE}) {CONNECT_ATTEMPTS} > {CONNECT_MIN_RATE}",
+        "10m", "warning",
+        "{{ $labels.instance }}: {{ $value | humanizePercentage }} of outgoing connects "
+        "time out or are unreachable",
+        f"More than {CONNECT_NETWORK_FAILURE_RATIO:.0%} of connect() calls on "
+        "{{ $labels.instance }} end without an answer from the peer: timed out (no "
+        "SYN-ACK after the SYN retries) or an ICMP unreachable/prohibited error. Unlike "
+        "refusals (a peer that answers with RST), these point at the network: a "
+        "firewall that drops, a route, a dead host.",
+        "Open the node's 'TCP life-cycle' dashboard: 'Connect failures by reason' splits "
+        "timeout from unreachable, and the per-port variable names the service. Timeouts: "
+        "a firewall or security group dropping SYNs, or a host that is down (try `nc -vz "
+        "HOST PORT` from the node; `tcpstate trace --reason timeout` lists the remote "
+        "addresses). Unreachable: a router's ICMP error (`ip route get HOST`, the peer's "
+        "network ACLs; IPv6 'prohibited' shows as EACCES to the program). A timeout that "
+        "met an ICMP error first counts as unreachable.",
     ),
     Alert(
         "TcpstateCloseWaitGrowing",

@@ -128,7 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
 
-    serve = commands.add_parser("serve", help="export TCP state metrics for Prometheus")
+    from .program import REASONS_NEED
+
+    serve = commands.add_parser(
+        "serve", help="export TCP state metrics for Prometheus",
+        description="Export TCP state metrics for Prometheus, closes by reason among them "
+                    f"(tcpstate_closes_total); {REASONS_NEED}.")
     serve.add_argument("--web.listen-address", dest="listen_address",
                        default=DEFAULT_LISTEN_ADDRESS, metavar="HOST:PORT", type=_listen_address,
                        help=f"address to serve metrics on (default {DEFAULT_LISTEN_ADDRESS})")
@@ -202,11 +207,12 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.command == "serve":
         from .handoff import Loading, loader_request
-        from .program import choose_attachment
+        from .program import choose_attachment, warn_if_reasons_off
 
         features = kernel_features()
         attachment = choose_attachment(args.attach, features=features)
         check_all(needs=SERVE_NEEDS, features=features, attach=attachment.kind)
+        warn_if_reasons_off(attachment)  # after the checks: a failing one is the only line
         # The loader compiles while this process imports the server's
         # modules (numpy, prometheus_client): on two cores, at once.
         loading = Loading(loader_request(args.service_ports, args.socket_table_size,

@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from . import __version__, metrics as m
+from .reasons import CODE as REASON_CODE, REASONS, possible_reasons
 from .serve_maps import Snapshot
 from .states import (FAMILIES, GAUGE_STATES, KNOWN_TRANSITIONS, SIDES, STATES, TABLE_STATES,
                      code_of, name_of)
@@ -150,6 +151,8 @@ class TcpstateCollector(Collector):
         if time_wait is not None:
             sockets.add_metric(["", "time_wait", *([""] if ports else [])], time_wait)
         yield transitions
+        if snap is None or snap.closes is not None:
+            yield self._closes(snap, slots, port_label)
         yield durations
         yield connections
         yield sockets
@@ -188,6 +191,28 @@ class TcpstateCollector(Collector):
                                            int(snap.age_unknown[slot, fam, code]))
         yield ages
         yield unknown
+
+    @staticmethod
+    def _closes(snap: Snapshot | None, slots: Callable, port_label: list[str]) -> Metric:
+        """Transitions into CLOSE by reason (tracer/reasons.py): the pairs the
+        table can give from start at 0, any other cell once it counts."""
+        closes = CounterMetricFamily(
+            m.family_name(m.CLOSES),
+            "Transitions into CLOSE, by the state left and why (tracer/reasons.py; "
+            "the README's close reasons table). Needs the raw tracepoint and BTF.",
+            labels=[*m.CLOSE_LABELS, *port_label],
+        )
+        if snap is None:
+            return closes
+        possible = {(old, REASON_CODE[reason]) for old, reason in possible_reasons()}
+        for slot, port in slots():
+            for fam, family in enumerate(FAMILIES):
+                counts = snap.closes[slot, fam]
+                seen = {tuple(int(i) for i in ix) for ix in np.argwhere(counts)}
+                for old, reason in sorted(possible | seen):
+                    closes.add_metric([family, name_of(old), REASONS[reason], *port],
+                                      int(counts[old, reason]))
+        return closes
 
     @staticmethod
     def _add_histograms(family: HistogramMetricFamily, buckets: np.ndarray,

@@ -29,7 +29,8 @@ class HeldProgram:
             self.table_capacity = description["table_capacity"]
             self.bcc_version = description["bcc_version"]
             self.loader_peak_kib = description.get("loader_peak_kib", 0)
-            layout = serve_layout(description["port_slots"])
+            self.close_reasons = description["close_reasons"]
+            layout = serve_layout(description["port_slots"], self.close_reasons)
             if list(layout) != description["maps"]:
                 raise ValueError(f"the loader's maps {description['maps']} are not "
                                  f"this version's {list(layout)}")

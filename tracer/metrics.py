@@ -9,6 +9,7 @@ from __future__ import annotations
 PREFIX = "tcpstate"
 
 TRANSITIONS = f"{PREFIX}_transitions_total"
+CLOSES = f"{PREFIX}_closes_total"
 STATE_DURATION = f"{PREFIX}_state_duration_seconds"
 CONNECTION_DURATION = f"{PREFIX}_connection_duration_seconds"
 SOCKETS = f"{PREFIX}_sockets"
@@ -91,6 +92,7 @@ CLOSE_WAIT_STUCK_SECONDS = min(BUCKET_BOUNDS_SECONDS[:-1], key=lambda bound: abs
 
 # ---- label sets --------------------------------------------------------
 TRANSITION_LABELS = ("family", "old_state", "new_state")
+CLOSE_LABELS = ("family", "old_state", "reason")
 CONNECTION_LABELS = ("family", "side")
 SOCKETS_LABELS = ("family", "state")
 SOCKET_STATE_AGE_LABELS = ("family", "state")

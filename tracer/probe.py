@@ -29,6 +29,7 @@ from .serve_maps import ServeMaps, Snapshot, port_labels_of, prog_stats_of_fd, s
 from .program import (AUTO, COUNTERS, DEFAULT_SOCKET_TABLE_SIZE, FUNCTION, RAW_TRACEPOINT,
                       TABLE_WAYS, Attachment, bpf_dir, cflags, choose_attachment,
                       possible_cpus, table_rows)
+from .reasons import close_reason_table
 from .states import NSTATES, code_of
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ class LoadedProgram:
         try:
             self.counters = self._mapped_array("counters", len(COUNTERS), per_cpu=True)
             self._write_service_ports()
+            self._write_close_reasons()
             self._configure()
             self.attach()
         except BaseException:
@@ -162,6 +164,16 @@ class LoadedProgram:
         for slot, port in enumerate(self.service_ports, start=1):
             table[ct.c_int(port)] = ct.c_uint8(slot)
 
+    def _write_close_reasons(self) -> None:
+        """The table of tracer/reasons.py, into the program's close_reason map
+        (an array's cells start at 0, the first reason: only others are written)."""
+        if not self.attachment.close_reasons:
+            return
+        table = self.bpf[b"close_reason"]
+        for key, code in enumerate(close_reason_table()):
+            if code:
+                table[ct.c_int(key)] = ct.c_uint8(code)
+
     def read_counters(self) -> dict[str, int]:
         return dict(zip(COUNTERS, (int(v) for v in self.counters.read())))
 
@@ -199,7 +211,7 @@ class Probe(LoadedProgram):
             raise
 
     def _configure(self) -> None:
-        self.layout = serve_layout(self.port_slots)
+        self.layout = serve_layout(self.port_slots, self.attachment.close_reasons)
         self.maps = ServeMaps({name: self.map_fd(name) for name in self.layout},
                               self.layout, self.cpus, self.map_fd("socket_table"),
                               self.table_capacity // TABLE_WAYS, TABLE_WAYS)
@@ -289,6 +301,7 @@ class Probe(LoadedProgram):
             "target": self.attachment.target,
             "maps": list(self.layout),
             "port_slots": self.port_slots,
+            "close_reasons": self.attachment.close_reasons,
             "port_labels": list(self.port_labels),
             "cpus": self.cpus,
             "table_capacity": self.table_capacity,
@@ -328,6 +341,7 @@ class TraceFilter:
     state_mask: int = 0  # bit: kernel state code
     transition_rows: tuple[int, ...] = ()  # per old state: bit of each new state
     min_duration_ns: int = 0
+    reason_mask: int = 0  # bit: reason code (tracer/reasons.py); 0 = any event
 
 
 class TraceProbe(LoadedProgram):
@@ -366,6 +380,8 @@ class TraceProbe(LoadedProgram):
         config.any_port, config.local_port = bool(f.ports), bool(f.lports)
         config.remote_port, config.pid = bool(f.rports), bool(f.pids)
         config.transition = any(f.transition_rows)
+        config.reason_mask = f.reason_mask
+        config.reason = bool(f.reason_mask)
         config.ready = 1
         self.bpf[b"trace_config"][ct.c_int(0)] = config
 

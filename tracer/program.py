@@ -22,6 +22,7 @@ from .errors import EXIT_BPF, TcpstateError, UsageError
 from .features import BTF as BTF_FEATURE, RAW_TRACEPOINT as RAW_TRACEPOINT_FEATURE, Features
 from .metrics import BUCKET_MIN_LOG2, MAX_SERVICE_PORTS, NBUCKETS
 from .prereq import kernel_release, parse_release
+from .reasons import CODE as REASON_CODE, NERRNO_SLOTS, NO_REASON, NREASONS
 from .states import NSTATES
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,13 @@ HEAD_MEMBERS = ("SK_FAMILY", "SK_DPORT", "SK_NUM", "SK_PROT", "SK_DADDR", "SK_SA
 MAX_HEAD_LEN = 256
 # Read by trace only: whether the current task is a kernel thread.
 TASK_MEMBERS = {"TASK_FLAGS": ("task_struct", "flags")}
+# Read only at a transition into CLOSE, for its reason (tracer/reasons.py):
+# the error stored for the owner, and whether a process holds the socket
+# (lock_sock() in its system call) rather than softirq or a timer. Both in
+# one copy of the span between them (44 bytes on 6.18); a kernel where it
+# is wider, or a member is missing, runs without reasons.
+CLOSE_MEMBERS = {"SK_ERR": ("sock", "sk_err"), "SK_OWNED": ("sock", "sk_lock.owned")}
+MAX_CLOSE_SPAN = 128
 
 # Before 6.1 a raw tracepoint program may interrupt itself on one CPU (a
 # softirq during a system call's transition): its per-CPU cells then add
@@ -92,6 +100,12 @@ class Attachment:
     kind: str  # RAW_TRACEPOINT or TRACEPOINT
     offsets: dict[str, int]  # cflag -> byte offset (raw tracepoint; trace's task flags)
     reason: str = ""  # why the fallback was taken, for the one warning line
+
+    @property
+    def close_reasons(self) -> bool:
+        """Whether the program classifies closes: it needs the raw
+        tracepoint's `sk` and the CLOSE_MEMBERS offsets from BTF."""
+        return self.kind == RAW_TRACEPOINT and "SK_CLOSE" in self.offsets
 
     @property
     def target(self) -> str:
@@ -121,7 +135,53 @@ def socket_offsets(btf: Btf) -> dict[str, int]:
     if offsets["SK_HEAD_LEN"] > MAX_HEAD_LEN:
         raise BtfError(f"BTF: the socket's addresses and ports span "
                        f"{offsets['SK_HEAD_LEN']} bytes, more than {MAX_HEAD_LEN}")
+    try:
+        offsets.update(close_offsets(btf))
+    except BtfError as exc:  # said in one line at start (warn_if_reasons_off)
+        log.debug("close reasons are off: %s", exc)
     return offsets
+
+
+def close_offsets(btf: Btf) -> dict[str, int]:
+    """The cflags of the reads at a transition into CLOSE (CLOSE_MEMBERS and
+    their span, SK_CLOSE and SK_CLOSE_LEN); BtfError when one is missing,
+    is not a 4-byte int, or the span is too wide."""
+    offsets: dict[str, int] = {}
+    for flag, (struct, path) in CLOSE_MEMBERS.items():
+        member = btf.member(struct, path)
+        if member.size != 4:
+            raise BtfError(f"BTF: {member.path} is {member.size} bytes, not 4")
+        offsets[flag] = member.byte_offset
+    start = min(offsets.values())
+    offsets["SK_CLOSE"] = start
+    offsets["SK_CLOSE_LEN"] = max(offsets.values()) + 4 - start
+    if offsets["SK_CLOSE_LEN"] > MAX_CLOSE_SPAN:
+        raise BtfError(f"BTF: sk_err and sk_lock.owned lie {offsets['SK_CLOSE_LEN']} "
+                       f"bytes apart, more than {MAX_CLOSE_SPAN}")
+    return offsets
+
+
+def without_close_reasons(attachment: Attachment) -> Attachment:
+    """The same attachment with close reasons off (bench/: the program with
+    and without them, side by side)."""
+    dropped = {*CLOSE_MEMBERS, "SK_CLOSE", "SK_CLOSE_LEN"}
+    return Attachment(attachment.kind,
+                      {k: v for k, v in attachment.offsets.items() if k not in dropped},
+                      attachment.reason)
+
+
+REASONS_NEED = ("close reasons need the raw tracepoint and the kernel's BTF "
+                "(/sys/kernel/btf/vmlinux); without, they are off")
+REASONS_OFF = ("close reasons are off: they need the raw tracepoint and the kernel's "
+               "BTF (/sys/kernel/btf/vmlinux)")
+
+
+def warn_if_reasons_off(attachment: Attachment) -> None:
+    """The one line at start that says close reasons are not available,
+    unless the fallback's line said it already."""
+    if attachment.close_reasons or (attachment.kind == TRACEPOINT and attachment.reason):
+        return
+    log.warning("%s; attaching to the %s", REASONS_OFF, attachment.describe())
 
 
 def choose_attachment(requested: str = AUTO, btf_path: str | None = None,
@@ -155,7 +215,7 @@ def choose_attachment(requested: str = AUTO, btf_path: str | None = None,
 def _fallback(reason: str) -> Attachment:
     """The classic tracepoint, with the one warning that says why."""
     log.warning("attaching to the classic tracepoint, which map reads and other "
-                "BPF programs can make skip events: %s", reason)
+                "BPF programs can make skip events; close reasons are off: %s", reason)
     return Attachment(TRACEPOINT, {}, reason)
 
 
@@ -189,10 +249,14 @@ def cflags(attachment: Attachment, port_slots: int, table_rows: int, cpus: int,
         f"-DTABLE_BUCKETS={table_rows}",
         f"-DTABLE_WAYS={TABLE_WAYS}",
         f"-DNCPUS={cpus}",
+        f"-DNO_REASON={NO_REASON}",
         f"-I{bpf_dir()}",
         "-Wno-ignored-attributes",
         "-Wno-unused-function",
     ]
+    if attachment.close_reasons:
+        flags += ["-DCLOSE_REASONS", f"-DNREASONS={NREASONS}",
+                  f"-DNERRNO_SLOTS={NERRNO_SLOTS}", f"-DREASON_OTHER={REASON_CODE['other']}"]
     if attachment.kind == RAW_TRACEPOINT:
         flags.append("-DRAW_TRACEPOINT")
         have = parse_release(release or kernel_release())

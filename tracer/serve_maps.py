@@ -15,11 +15,13 @@ from .maps import MappedArray, WrappingSums
 from .socket_table import MappedTable, age_histogram
 from .metrics import NBUCKETS, OTHER_PORT
 from .program import COUNTERS
-from .states import FAMILIES, NSTATES, SIDES
+from .reasons import TABLE_CELLS as CLOSE_EVIDENCE_CELLS, NREASONS
+from .states import FAMILIES, NSTATES, SIDES, code_of
 
 NFAMILIES = len(FAMILIES)
 NSIDES = len(SIDES)
 SUMS = ("state_duration_sum_ns", "connection_duration_sum_ns")
+CLOSE = code_of("close")
 # bpf/tcpstate.h: a table row holds a key (8 bytes) and an entry (24) per socket
 SOCKET_ENTRY_BYTES = 32
 
@@ -36,10 +38,12 @@ class MapLayout:
         return int(np.prod(self.shape))
 
 
-def serve_layout(port_slots: int) -> dict[str, MapLayout]:
+def serve_layout(port_slots: int, close_reasons: bool = False) -> dict[str, MapLayout]:
     """Every map of bpf/serve.bpf.c that user space reads, and its shape:
-    the one home of these facts on the Python side."""
+    the one home of these facts on the Python side. `closes` exists only
+    where the program classifies closes (CLOSE_REASONS)."""
     p, f, s, b = port_slots, NFAMILIES, NSTATES, NBUCKETS
+    reasons = {"closes": MapLayout((p, f, s, NREASONS), "uint64", True)} if close_reasons else {}
     return {
         "transitions": MapLayout((p, f, s, s), "uint64", True),
         "state_duration_buckets": MapLayout((p, f, s, s, b), "uint64", True),
@@ -49,10 +53,12 @@ def serve_layout(port_slots: int) -> dict[str, MapLayout]:
         "live_tracked": MapLayout((p, f, s), "int64", True),
         "live_untracked": MapLayout((p, f, s), "int64", False, writable=True),
         "counters": MapLayout((len(COUNTERS),), "uint64", True),
+        **reasons,
     }
 
 
-def map_bytes(cpus: int, port_slots: int, table_capacity: int, page: int = 4096) -> int:
+def map_bytes(cpus: int, port_slots: int, table_capacity: int, page: int = 4096,
+              close_reasons: bool = True) -> int:
     """Kernel memory of serve's maps, each rounded up to pages as the kernel
     charges it (bpftool's bytes_memlock): the per-CPU cells grow with CPUs x
     port slots, the socket table with its size (32 bytes a socket). What a
@@ -60,8 +66,10 @@ def map_bytes(cpus: int, port_slots: int, table_capacity: int, page: int = 4096)
     pages = lambda size: -(-size // page) * page  # noqa: E731
     # a memory-mapped array takes a page for its header beside its values
     total = sum(pages(8 * spec.cells * (cpus if spec.per_cpu else 1)) + page
-                for spec in serve_layout(port_slots).values())
+                for spec in serve_layout(port_slots, close_reasons).values())
     total += pages(SOCKET_ENTRY_BYTES * table_capacity) + page  # memory-mapped too
+    if close_reasons:
+        total += pages(8 * CLOSE_EVIDENCE_CELLS)  # close_reason: 8 bytes a value
     if port_slots > 1:
         # service_port_slot and listeners: an array's values take 8 bytes each
         total += 2 * pages(8 * 65536)
@@ -84,6 +92,7 @@ class Snapshot:
     connection_sum_ns: np.ndarray  # [port, family, side], float64
     live: np.ndarray  # [port, family, state], never negative
     counters: dict[str, int] = field(default_factory=dict)
+    closes: np.ndarray | None = None  # [port, family, old, reason]; None: reasons off
     table_entries: int = 0  # sockets in the table: the sum of live_tracked
     # ages in state of the table's sockets: slot counts [port, family, state,
     # slot], sums in ns [port, family, state]; live sockets whose entry time
@@ -154,14 +163,20 @@ class ServeMaps:
                                           self.layout["live_tracked"].shape[0])
             ages = dict(age_buckets=buckets, age_sum_ns=sums,
                         age_unknown=np.maximum(untracked, 0))
+        transitions = self.read_map("transitions")
+        closes = self.read_map("closes") if "closes" in self.layout else None
+        if closes is not None:
+            # the program counts a close once, by reason (bpf/serve.bpf.c)
+            transitions[..., CLOSE] += closes.sum(axis=-1, dtype=transitions.dtype)
         return Snapshot(
-            transitions=self.read_map("transitions"),
+            transitions=transitions,
             duration_buckets=self.read_map("state_duration_buckets"),
             duration_sum_ns=self.read_map("state_duration_sum_ns"),
             connection_buckets=self.read_map("connection_duration_buckets"),
             connection_sum_ns=self.read_map("connection_duration_sum_ns"),
             live=np.maximum(live, 0),
             counters=self.read_counters(),
+            closes=closes,
             # every table entry is a live socket counted in its state
             table_entries=max(int(tracked.sum()), 0),
             table_capacity=table_capacity,

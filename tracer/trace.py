@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import UsageError
+from .errors import EXIT_KERNEL_VERSION, TcpstateError, UsageError
 from .prereq import TRACE_NEEDS, check_all, kernel_features
-from .program import choose_attachment
+from .program import REASONS_NEED, REASONS_OFF, choose_attachment, warn_if_reasons_off
 from .probe import TraceFilter, TraceProbe
+from .reasons import CODE as REASON_CODE, REASONS, parse_reasons
 from .ringbuf import RingBufferReader
 from .states import BY_NAME, FAMILIES, NSTATES
 from .trace_format import EVENT, JsonFormat, TextFormat, WallClock, format_summary, \
@@ -98,6 +99,13 @@ def _number(minimum: float, inclusive: bool, kind=float):
     return parse
 
 
+def _reasons(text: str) -> list[str]:
+    try:
+        return parse_reasons(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _ringbuf_pages(text: str) -> int:
     pages = _number(1, True, int)(text)
     if pages & (pages - 1) or pages > MAX_RINGBUF_PAGES:
@@ -135,6 +143,10 @@ def add_trace_parser(subparsers) -> argparse.ArgumentParser:
                          help="only this transition (e.g. syn_sent:close)")
     filters.add_argument("--min-ms", type=_number(0, False), metavar="MS",
                          help="only transitions out of a state held at least MS ms")
+    filters.add_argument("--reason", dest="reasons", type=_reasons, action="append",
+                         default=[], metavar="REASON",
+                         help=f"only transitions into close for this reason: "
+                              f"{', '.join(REASONS)} (README, close reasons); {REASONS_NEED}")
     parser.add_argument("--duration", type=_number(0, False), metavar="SECONDS",
                         help="stop after SECONDS")
     parser.add_argument("--count", type=_number(1, True, int), metavar="N",
@@ -158,6 +170,7 @@ class Filters:
     states: set[str] = field(default_factory=set)
     transitions: set[tuple[str, str]] = field(default_factory=set)
     min_ms: float | None = None
+    reasons: set[str] = field(default_factory=set)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Filters":
@@ -165,7 +178,8 @@ class Filters:
         filters = cls(ports=flat(args.ports), lports=flat(args.lports),
                       rports=flat(args.rports), pids=flat(args.pids),
                       families=set(args.families), states=flat(args.states),
-                      transitions=set(args.transitions), min_ms=args.min_ms)
+                      transitions=set(args.transitions), min_ms=args.min_ms,
+                      reasons=flat(args.reasons))
         if len(filters.pids) > MAX_PIDS:
             raise UsageError(f"--pid: at most {MAX_PIDS} processes")
         return filters
@@ -174,7 +188,8 @@ class Filters:
         parts = [f"{name}={','.join(sorted(map(str, values)))}" for name, values in (
             ("port", self.ports), ("lport", self.lports), ("rport", self.rports),
             ("pid", self.pids), ("family", self.families), ("state", self.states),
-            ("transition", {f"{a}:{b}" for a, b in self.transitions}))
+            ("transition", {f"{a}:{b}" for a, b in self.transitions}),
+            ("reason", self.reasons))
             if values]
         if self.min_ms is not None:
             parts.append(f"min-ms={self.min_ms:g}")
@@ -192,6 +207,7 @@ class Filters:
             state_mask=sum(1 << BY_NAME[s].kernel_code for s in self.states),
             transition_rows=tuple(rows),
             min_duration_ns=round(self.min_ms * 1e6) if self.min_ms else 0,
+            reason_mask=sum(1 << REASON_CODE[r] for r in self.reasons),
         )
 
 
@@ -254,7 +270,10 @@ def trace(args: argparse.Namespace) -> int:
     filters = Filters.from_args(args)  # a bad flag before any work
     features = kernel_features()
     attachment = choose_attachment(args.attach, features=features)
+    if filters.reasons and not attachment.close_reasons:
+        raise TcpstateError(f"--reason: {REASONS_OFF}", EXIT_KERNEL_VERSION)
     check_all(needs=TRACE_NEEDS, features=features, attach=attachment.kind)
+    warn_if_reasons_off(attachment)  # after the checks: a failing one is the only line
     stop = _Stop()
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)

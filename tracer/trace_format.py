@@ -19,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 
+from .reasons import REASONS
 from .states import BY_CODE, FAMILIES, NSTATES, SIDES, STATES, name_of
 
 UNKNOWN_NS = (1 << 64) - 1  # the kernel's ~0: duration or lifetime not known
@@ -26,14 +27,18 @@ UNKNOWN_NS = (1 << 64) - 1  # the kernel's ~0: duration or lifetime not known
 # struct trace_event, field by field (offsets as clang lays it out).
 EVENT = np.dtype({
     "names": ["timestamp_ns", "sk", "duration_ns", "lifetime_ns", "owner_pid",
-              "sport", "dport", "family", "oldstate", "newstate", "side",
+              "sport", "dport", "family", "oldstate", "newstate", "side", "reason",
               "saddr", "daddr", "owner_comm"],
     "formats": ["<u8", "<u8", "<u8", "<u8", "<u4", "<u2", "<u2", "u1", "u1", "u1", "u1",
-                "V16", "V16", "S16"],
-    "offsets": [0, 8, 16, 24, 32, 36, 38, 40, 41, 42, 43, 44, 60, 76],
+                "u1", "V16", "V16", "S16"],
+    "offsets": [0, 8, 16, 24, 32, 36, 38, 40, 41, 42, 43, 44, 45, 61, 77],
     "itemsize": 96,
 })
 COMM_LEN = 16
+REASON_WIDTH = max(map(len, REASONS))
+# Reason text by the event's code: "-" for any code that is not a reason
+# (NO_REASON: not a close, or reasons off).
+REASON_TEXTS = tuple(REASONS[code] if code < len(REASONS) else "-" for code in range(256))
 
 CORNER = "old \\ new"  # the summary matrix's top left cell
 
@@ -235,11 +240,12 @@ class TextFormat:
             ("TIME", 12, "<"), ("PID", 7, ">"), ("COMM", 15, "<"),
             ("LADDR", self.address_width, "<"), ("LPORT", 5, ">"),
             ("RADDR", self.address_width, "<"), ("RPORT", 5, ">"),
-            (f"{'OLDSTATE':<12} -> NEWSTATE", 28, "<"), ("MS", 14, ">"),
+            (f"{'OLDSTATE':<12} -> NEWSTATE", 28, "<"), ("REASON", REASON_WIDTH, "<"),
+            ("MS", 14, ">"),
         )
-        names = ("time", "owner", "laddr", "lport", "raddr", "rport", "states", "ms")
+        names = ("time", "owner", "laddr", "lport", "raddr", "rport", "states", "reason", "ms")
         widths = [12 + 1, 7 + 1 + 15 + 1, self.address_width + 1, 5 + 1,
-                  self.address_width + 1, 5 + 1, 28 + 1, 14 + 1]
+                  self.address_width + 1, 5 + 1, 28 + 1, REASON_WIDTH + 1, 14 + 1]
         offsets = list(np.cumsum([0] + widths[:-1]))
         self.line_length = sum(widths)
         self._line = np.dtype({"names": names, "formats": [f"V{w}" for w in widths],
@@ -249,6 +255,7 @@ class TextFormat:
                                            for old in range(NSTATES)
                                            for new in range(NSTATES)], 28 + 1))
         self._ports = _Table(_fixed([f"{port:>5} " for port in range(65536)], 5 + 1))
+        self._reasons = _Table(_fixed(list(REASON_TEXTS), REASON_WIDTH + 1))
         self._seconds = _Table(_fixed([f"{s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d}."
                                        for s in range(86400)], 9))
         self._addresses = _Distinct(self.address_width + 1, _address_text)
@@ -280,6 +287,7 @@ class TextFormat:
         lines["rport"] = self._ports[events["dport"]]
         pairs = events["oldstate"].astype(np.intp) % NSTATES * NSTATES + events["newstate"] % NSTATES
         lines["states"] = self._transitions[pairs]
+        lines["reason"] = self._reasons[events["reason"]]
         lines["ms"] = self._milliseconds(events["duration_ns"])
         return lines.tobytes()
 
@@ -362,6 +370,7 @@ class JsonFormat:
         ]
         self._families = [f'"{name}"' for name in FAMILIES]
         self._sides = [f'"{name}"' if name else "null" for name in SIDES]
+        self._reasons = [f'"{text}"' if text != "-" else "null" for text in REASON_TEXTS]
         self._second = (-1, "")
 
     @staticmethod
@@ -397,7 +406,7 @@ class JsonFormat:
         walls = self.clock.wall_ns(events["timestamp_ns"]).tolist()
         out = []
         for wall, (mono, sk, duration, lifetime, pid, sport, dport, family, old, new,
-                   side, saddr, daddr, comm) in zip(walls, events.tolist()):
+                   side, reason, saddr, daddr, comm) in zip(walls, events.tolist()):
             born = 0 if lifetime == UNKNOWN_NS else mono - lifetime
             out.append(
                 f'{{"time":"{self._time(wall)}","timestamp_ns":{wall},"monotonic_ns":{mono},'
@@ -406,6 +415,7 @@ class JsonFormat:
                 f'"local_address":{self._address(family, saddr)},"local_port":{sport},'
                 f'"remote_address":{self._address(family, daddr)},"remote_port":{dport},'
                 f'{self._states[old % NSTATES][new % NSTATES]},'
+                f'"reason":{self._reasons[reason]},'
                 f'"duration_ns":{"null" if duration == UNKNOWN_NS else duration},'
                 f'"lifetime_ns":{"null" if lifetime == UNKNOWN_NS else lifetime},'
                 f'"side":{self._sides[side % len(SIDES)]},'

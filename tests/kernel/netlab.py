@@ -141,6 +141,51 @@ class Lab:
         return Counter(SS_STATES[line.split()[0]] for line in out.splitlines() if line.strip())
 
 
+class RoutedLab(Lab):
+    """A Lab whose server namespace is also a router: the client reaches
+    three more networks through it, where the router's routes answer as
+    `unreachable` (ICMP host unreachable; IPv6: no route), `prohibit` (ICMP
+    administratively prohibited) and `blackhole` (silence). Only these two
+    namespaces ever see the packets."""
+
+    ROUTES = ("unreachable", "prohibit", "blackhole")
+    NETWORKS = {
+        socket.AF_INET: {route: (f"10.232.{i}.0/24", f"10.232.{i}.9")
+                         for i, route in enumerate(ROUTES, start=1)},
+        socket.AF_INET6: {route: (f"fd00:232:{i}::/64", f"fd00:232:{i}::9")
+                          for i, route in enumerate(ROUTES, start=1)},
+    }
+
+    def __enter__(self) -> "RoutedLab":
+        super().__enter__()
+        try:
+            router, client = self.server, self.client
+            # a host that does not forward drops what it has no route for
+            # without an ICMP error; rate limits would drop our few errors
+            for setting in ("net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1",
+                            "net.ipv4.icmp_ratelimit=0", "net.ipv6.icmp.ratelimit=0"):
+                run("ip", "netns", "exec", router, "sysctl", "-qw", setting)
+            for family, networks in self.NETWORKS.items():
+                version = "-4" if family == socket.AF_INET else "-6"
+                for route, (network, _) in networks.items():
+                    run("ip", version, "-n", router, "route", "add", route, network)
+                    run("ip", version, "-n", client, "route", "add", network,
+                        "via", self.address(family, "server"))
+            return self
+        except BaseException:
+            self.close()
+            raise
+
+    def destination(self, family: int, route: str) -> str:
+        """An address the router's `route` route covers."""
+        return self.NETWORKS[family][route][1]
+
+    def sysctl(self, side: str, setting: str) -> None:
+        """Set a sysctl inside one namespace (network sysctls are per namespace)."""
+        run("ip", "netns", "exec", self.server if side == "server" else self.client,
+            "sysctl", "-qw", setting)
+
+
 def scaled(seconds: float) -> float:
     """`seconds` times the factor in TCPSTATE_TEST_TIME_SCALE (default 1)."""
     factor = os.environ.get(TIME_SCALE, "1")

@@ -26,6 +26,7 @@ import bcrypt
 import pytest
 
 from tracer import metrics as m
+from tracer.reasons import REASONS
 from tracer.states import FAMILIES, SIDES, STATES
 from tracer.collector import BUCKET_LABELS
 
@@ -189,6 +190,7 @@ def test_run_as_drops_root_and_every_capability_and_keeps_counting(lab):
 
 ALLOWED_LABELS = {
     m.TRANSITIONS: {"family", "old_state", "new_state", "port"},
+    m.CLOSES: {"family", "old_state", "reason", "port"},
     m.STATE_DURATION: {"family", "old_state", "new_state", "port", "le"},
     m.CONNECTION_DURATION: {"family", "side", "port", "le"},
     m.SOCKETS: {"family", "state", "port"},
@@ -231,6 +233,7 @@ def test_exposes_only_bounded_labels_no_addresses_no_process_names(lab):
         "side": set(SIDES) - {""},
         "le": set(BUCKET_LABELS),
         "collector": {"bpf", "time_wait"},
+        "reason": set(REASONS),
     }
     for (name, labels) in scrape:
         family = family_of(name)

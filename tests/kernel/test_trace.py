@@ -22,11 +22,12 @@ import textwrap
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from tracer.reasons import REASONS
 from tracer.states import BY_NAME, FAMILIES as FAMILY_NAMES
 
 from .exporter import TCPSTATE
@@ -123,6 +124,7 @@ class Line:
     rport: int
     old: str
     new: str
+    reason: str = field(default="-", compare=False)  # "-": not a close
 
     @property
     def step(self) -> tuple[str, str]:
@@ -147,11 +149,14 @@ class Result:
         """The printed lines; with `mine`, only those of our own sockets."""
         parsed = []
         for text in self.body:
-            time_, pid, comm, laddr, lport, raddr, rport, old, arrow, new, ms = text.split()
+            (time_, pid, comm, laddr, lport, raddr, rport, old, arrow, new, reason,
+             ms) = text.split()
             assert arrow == "->" and re.fullmatch(r"\d\d:\d\d:\d\d\.\d{3}", time_), text
             assert ms == "-" or re.fullmatch(r"\d+\.\d{3}", ms), text
+            # a reason on closes only ("-" there too where reasons are off)
+            assert reason == "-" or (new == "close" and reason in REASONS), text
             parsed.append(Line(None if pid == "-" else int(pid), None if comm == "-" else comm,
-                               laddr, int(lport), raddr, int(rport), old, new))
+                               laddr, int(lport), raddr, int(rport), old, new, reason))
         return [line for line in parsed if mine is None or mine.owns(line.lport, line.rport)]
 
     def records(self, mine: Mine | None = None) -> list[dict]:
@@ -319,7 +324,7 @@ def test_columns_are_aligned_for_both_families(lab):
     result = run_trace(workload, "--port", str(port))
     header = result.header
     assert header.split() == ["TIME", "PID", "COMM", "LADDR", "LPORT", "RADDR", "RPORT",
-                              "OLDSTATE", "->", "NEWSTATE", "MS"]
+                              "OLDSTATE", "->", "NEWSTATE", "REASON", "MS"]
     body = result.body
     assert len(result.lines(mine)) == 24
     assert {len(line) for line in body} == {len(header)}
@@ -328,7 +333,7 @@ def test_columns_are_aligned_for_both_families(lab):
         end = header.index(title) + len(title)
         assert all(line[end - 1] != " " and line[end:end + 1] in ("", " ")
                    for line in body), title
-    for title in ("COMM", "LADDR", "RADDR", "OLDSTATE"):
+    for title in ("COMM", "LADDR", "RADDR", "OLDSTATE", "REASON"):
         start = header.index(title)
         assert all(line[start - 1] == " " and line[start] != " " for line in body), title
 
@@ -756,9 +761,11 @@ def test_json_records_carry_every_field(lab):
               "local_address", "local_port", "remote_address", "remote_port",
               "old_state", "old_state_code", "old_state_mib",
               "new_state", "new_state_code", "new_state_mib",
-              "duration_ns", "lifetime_ns", "side", "socket_id"}
+              "duration_ns", "lifetime_ns", "side", "reason", "socket_id"}
     for record in records:
         assert set(record) == fields
+        # closes ended normally here (hand-off, last ACK, a listener's close)
+        assert record["reason"] == ("normal" if record["new_state"] == "close" else None)
         for end in ("old", "new"):
             state = BY_NAME[record[f"{end}_state"]]
             assert record[f"{end}_state_code"] == state.kernel_code

@@ -7,6 +7,7 @@ import numpy as np
 
 from tracer.metrics import NBUCKETS
 from tracer.program import COUNTERS
+from tracer.reasons import CODE as REASON_CODE, NREASONS
 from tracer.serve_maps import Snapshot
 from tracer.states import FAMILIES, NSTATES, SIDES, code_of
 
@@ -24,6 +25,7 @@ class FakeReader:
             connection_sum_ns=np.zeros((slots, f, len(SIDES)), np.uint64),
             live=np.zeros((slots, f, s), np.int64),
             counters={name: 0 for name in COUNTERS},
+            closes=np.zeros((slots, f, s, NREASONS), np.uint64),
             table_capacity=1024,
             age_buckets=np.zeros((slots, f, s, b), np.uint64),
             age_sum_ns=np.zeros((slots, f, s), np.float64),
@@ -50,6 +52,10 @@ class FakeReader:
         index = (self._slot(port), FAMILIES.index(family), SIDES.index(side))
         self.snapshot.connection_buckets[index + (slot,)] += count
         self.snapshot.connection_sum_ns[index] += sum_ns
+
+    def close(self, family: str, old: str, reason: str, count: int, port: str | None = None):
+        self.snapshot.closes[self._slot(port), FAMILIES.index(family), code_of(old),
+                             REASON_CODE[reason]] += count
 
     def live(self, family: str, state: str, count: int, port: str | None = None):
         self.snapshot.live[self._slot(port), FAMILIES.index(family), code_of(state)] = count

@@ -13,7 +13,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from tracer import metrics as m
 from tracer.collector import TcpstateCollector
-from tracer.states import FAMILIES, GAUGE_STATES, KNOWN_TRANSITIONS, STATES
+from tracer.reasons import possible_reasons
+from tracer.states import FAMILIES, GAUGE_STATES, KNOWN_TRANSITIONS, STATES, name_of
 
 from .fake_reader import FakeReader
 
@@ -34,6 +35,10 @@ def example_reader() -> FakeReader:
     reader.transition("ipv4", "syn_sent", "close", 1, port="80")
     reader.transition("ipv6", "established", "close", 3, port="other")
     reader.transition("ipv4", "close", "close", 2, port="5432")  # outside the known set
+    reader.close("ipv4", "syn_sent", "refused", 1, port="80")
+    reader.close("ipv6", "established", "reset_by_peer", 2, port="other")
+    reader.close("ipv6", "established", "reset_local", 1, port="other")
+    reader.close("ipv4", "close", "other", 2, port="5432")  # outside the possible set
     reader.duration("ipv4", "syn_sent", "established", slot=5, count=9, sum_ns=9 * 30_000,
                     port="80")
     reader.duration("ipv6", "established", "close", slot=33, count=3, sum_ns=3 * 10**13,
@@ -48,6 +53,32 @@ def example_reader() -> FakeReader:
     reader.snapshot.table_entries = 7
     reader.snapshot.missed_events = 0
     return reader
+
+
+def test_closes_possible_pairs_at_zero_and_seen_ones():
+    registry = registry_for(example_reader())
+    value = registry.get_sample_value
+    name = m.CLOSES
+    for old, reason in possible_reasons():
+        for family in FAMILIES:
+            labels = dict(family=family, old_state=name_of(old), reason=reason, port="5432")
+            assert value(name, labels) == 0
+    assert value(name, dict(family="ipv4", old_state="syn_sent", reason="refused",
+                            port="80")) == 1
+    assert value(name, dict(family="ipv6", old_state="established", reason="reset_by_peer",
+                            port="other")) == 2
+    assert value(name, dict(family="ipv4", old_state="close", reason="other",
+                            port="5432")) == 2
+    assert value(name, dict(family="ipv4", old_state="listen", reason="refused",
+                            port="80")) is None  # a pair the table never gives
+
+
+def test_closes_absent_when_reasons_are_off():
+    reader = example_reader()
+    reader.snapshot.closes = None
+    text = generate_latest(registry_for(reader)).decode()
+    assert m.CLOSES not in text
+    assert m.TRANSITIONS in text
 
 
 def test_transitions_known_set_at_zero_and_seen_ones():

@@ -16,6 +16,7 @@ from dashboards import generate, rules
 from dashboards.promql import (PROMETHEUS_SERIES, exported_names, metric_names, panel_queries,
                                panels, substitute, variable_queries)
 from tracer import metrics as m
+from tracer.reasons import REASONS
 from tracer.states import BY_NAME, TIME_WAIT_HANDOFFS
 
 RULES_DIR = generate.RULES_FILE.parent
@@ -128,6 +129,27 @@ def test_overview_selects_node_and_port():
         assert 'instance="$instance"' in target["expr"], panel["title"]
     types = {panel["type"] for panel in panels(board)}
     assert {"nodeGraph", "heatmap", "table", "timeseries"} <= types
+
+
+def test_connect_failures_by_reason_panel():
+    board = DASHBOARDS[generate.OVERVIEW_UID]
+    panel = next(p for p in panels(board) if p["title"] == "Connect failures by reason")
+    (target,) = panel["targets"]
+    assert metric_names(target["expr"]) == {m.CLOSES}
+    assert 'old_state="syn_sent"' in target["expr"] and "by (reason)" in target["expr"]
+    assert target["legendFormat"] == "{{reason}}"
+
+
+def test_network_failures_alert_apart_from_refusals():
+    """Timeouts and unreachables have their own alert; refusals (a peer that
+    answers) do not count towards it."""
+    alert = next(a for a in rules.ALERTS if a.alert == "TcpstateConnectTimeoutsOrUnreachable")
+    (record,) = [r for r in rules.RECORDS
+                 if r.record == rules.CONNECT_NETWORK_FAILURE_RATIO_SERIES]
+    assert rules.CONNECT_NETWORK_FAILURE_RATIO_SERIES in metric_names(alert.expr)
+    assert 'reason=~"timeout|unreachable"' in record.expr
+    assert set(rules.NETWORK_FAILURE_REASONS) <= set(REASONS)
+    assert "refused" not in rules.NETWORK_FAILURE_REASONS
 
 
 def test_life_cycle_graph_has_every_state_and_node_graph_fields():

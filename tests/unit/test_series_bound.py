@@ -9,8 +9,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from tracer.collector import TcpstateCollector
 from tracer.metrics import MAX_SERVICE_PORTS, NBUCKETS
+from tracer.reasons import NREASONS, possible_reasons
 from tracer.states import (FAMILIES, GAUGE_STATES, KNOWN_TRANSITIONS, NSTATES, SIDES, STATES,
-                           TABLE_STATES)
+                           TABLE_STATES, name_of)
 
 from .fake_reader import FakeReader
 
@@ -35,6 +36,7 @@ def hard_cap(ports: int) -> int:
     p, f = port_slots(ports), len(FAMILIES)
     pairs = NSTATES * NSTATES
     return (p * f * pairs                                      # transitions
+            + p * f * NSTATES * NREASONS                       # closes by reason
             + p * f * pairs * HISTOGRAM_SAMPLES                # state durations
             + p * f * len(SIDES) * HISTOGRAM_SAMPLES           # connection durations
             + p * f * (len(GAUGE_STATES) - 1) + 1              # sockets (+ TIME-WAIT)
@@ -44,10 +46,12 @@ def hard_cap(ports: int) -> int:
 
 def real_bound(ports: int) -> int:
     """What the kernel's transitions (KNOWN_TRANSITIONS) can produce: a
-    duration for each but the births, connection lives by client/server."""
+    duration for each but the births, connection lives by client/server,
+    the closes of each state by the reasons the table gives for it."""
     p, f = port_slots(ports), len(FAMILIES)
     timed = len(set(KNOWN_TRANSITIONS) - BIRTHS)
     return (p * f * len(KNOWN_TRANSITIONS)
+            + p * f * len(possible_reasons())                  # closes by reason
             + p * f * timed * HISTOGRAM_SAMPLES
             + p * f * 2 * HISTOGRAM_SAMPLES
             + p * f * (len(GAUGE_STATES) - 1) + 1
@@ -68,7 +72,7 @@ def test_every_cell_filled_gives_exactly_the_hard_cap(ports):
     snap = reader.snapshot
     for array in (snap.transitions, snap.duration_buckets, snap.duration_sum_ns,
                   snap.connection_buckets, snap.connection_sum_ns, snap.live,
-                  snap.age_buckets, snap.age_sum_ns, snap.age_unknown):
+                  snap.age_buckets, snap.age_sum_ns, snap.age_unknown, snap.closes):
         array[...] = 1
     assert series_of(reader) == hard_cap(ports)
 
@@ -83,6 +87,8 @@ def test_every_real_transition_gives_exactly_the_real_bound(ports):
                 reader.transition(family, old, new, 1, port=port)
                 if (old, new) not in BIRTHS:
                     reader.duration(family, old, new, slot=3, count=1, sum_ns=5, port=port)
+            for old, reason in possible_reasons():
+                reader.close(family, name_of(old), reason, 1, port=port)
             for side in ("client", "server"):
                 reader.lifetime(family, side, slot=3, count=1, sum_ns=5, port=port)
             for state in GAUGE_STATES:
@@ -94,5 +100,5 @@ def test_every_real_transition_gives_exactly_the_real_bound(ports):
 
 def test_the_stated_numbers():
     """The figures in the README's "Limits and guarantees"."""
-    assert (real_bound(0), real_bound(MAX_SERVICE_PORTS)) == (2_193, 71_505)
-    assert (hard_cap(0), hard_cap(MAX_SERVICE_PORTS)) == (13_433, 442_425)
+    assert (real_bound(0), real_bound(MAX_SERVICE_PORTS)) == (2_301, 75_069)
+    assert (hard_cap(0), hard_cap(MAX_SERVICE_PORTS)) == (13_667, 450_147)

@@ -11,6 +11,7 @@ import pytest
 
 from tracer.cli import build_parser
 from tracer.errors import EXIT_USAGE
+from tracer.reasons import CODE as REASON_CODE
 from tracer.states import BY_NAME
 from tracer.trace import DEFAULT_RINGBUF_PAGES, Filters
 
@@ -47,6 +48,17 @@ def test_repeats_and_comma_lists_or_their_values():
         "min-ms=1.5")
 
 
+def test_reasons_filter_to_a_kernel_mask():
+    args = build_parser().parse_args(["trace", "--reason", "refused,timeout",
+                                      "--reason", "no_local_port"])
+    filters = Filters.from_args(args)
+    assert filters.reasons == {"refused", "timeout", "no_local_port"}
+    assert filters.describe() == "reason=no_local_port,refused,timeout"
+    mask = filters.kernel_filter().reason_mask
+    assert mask == sum(1 << REASON_CODE[r] for r in ("refused", "timeout", "no_local_port"))
+    assert Filters.from_args(build_parser().parse_args(["trace"])).kernel_filter().reason_mask == 0
+
+
 def test_stop_conditions_and_output_flags():
     args = build_parser().parse_args(["trace", "--count", "5", "--duration", "2.5", "--json",
                                       "--ringbuf-pages", "64"])
@@ -68,6 +80,9 @@ def test_stop_conditions_and_output_flags():
     (["--min-ms", "nan"], "'nan' must be more than 0"),
     (["--ringbuf-pages", "3"], "'3' must be a power of two from 1 to 65536"),
     (["--ringbuf-pages", "131072"], "must be a power of two"),
+    (["--reason", "refused,timeout,nope"], "unknown reason 'nope'; valid reasons: normal, "
+                                          "refused, timeout, unreachable, reset_by_peer, "
+                                          "reset_local, cancelled, no_local_port, other"),
 ])
 def test_bad_values_one_line_exit_2(argv, message):
     result = subprocess.run([TCPSTATE, "trace", *argv], capture_output=True, text=True)

@@ -15,6 +15,7 @@ from hypothesis import given, settings, strategies as st
 
 from tracer.probe import bpf_source
 from tracer.ringbuf import record_dtype
+from tracer.reasons import CODE, NO_REASON
 from tracer.states import BY_NAME, NSTATES
 from tracer.trace import Output
 from tracer.trace_format import (
@@ -36,7 +37,7 @@ def event(**fields) -> np.ndarray:
     one = np.zeros(1, EVENT)
     defaults = dict(timestamp_ns=time.monotonic_ns(), sk=0xFFFF888812345678,
                     duration_ns=UNKNOWN_NS, lifetime_ns=UNKNOWN_NS, family=0,
-                    oldstate=code("close"), newstate=code("syn_sent"),
+                    oldstate=code("close"), newstate=code("syn_sent"), reason=NO_REASON,
                     saddr=mapped("10.0.0.1"), daddr=mapped("10.0.0.2"))
     for name, value in {**defaults, **fields}.items():
         one[name] = value
@@ -95,9 +96,28 @@ def test_text_line_every_column():
     local = time.localtime(wall_ms // 1000)
     expected = (f"{time.strftime('%H:%M:%S', local)}.{wall_ms % 1000:03d}    4321 curl"
                 f"{'':12}10.0.0.1{'':32}41234 10.0.0.2{'':32}  443 established  -> fin_wait1"
-                f"{'':10}1234.567")
+                f"{'':4}-{'':19}1234.567")
     assert line == expected
     assert len(line) + 1 == fmt.line_length == len(fmt.header())
+
+
+def test_text_reason_column_of_closes():
+    fmt = TextFormat(FixedClock())
+    header = fmt.header().decode()
+    lines = text_of(fmt, events(
+        event(oldstate=code("syn_sent"), newstate=code("close"), reason=CODE["no_local_port"]),
+        event(oldstate=code("established"), newstate=code("close"), reason=CODE["normal"]),
+        event(oldstate=code("close"), newstate=code("syn_sent"))))
+    column = header.index("REASON")
+    assert [line[column:].split()[0] for line in lines] == ["no_local_port", "normal", "-"]
+
+
+def test_json_reason_of_a_close_and_null_otherwise():
+    fmt = JsonFormat(FixedClock())
+    records = [json.loads(line) for line in fmt.lines(events(
+        event(oldstate=code("syn_sent"), newstate=code("close"), reason=CODE["timeout"]),
+        event())).splitlines()]
+    assert [record["reason"] for record in records] == ["timeout", None]
 
 
 def test_text_unknowns_and_ipv6_share_the_columns():
@@ -200,7 +220,7 @@ def test_json_record_every_field():
         "remote_address": "10.0.0.2", "remote_port": 50000,
         "old_state": "syn_recv", "old_state_code": 3, "old_state_mib": 4,
         "new_state": "established", "new_state_code": 1, "new_state_mib": 5,
-        "duration_ns": 1500, "lifetime_ns": 2500, "side": "server",
+        "duration_ns": 1500, "lifetime_ns": 2500, "side": "server", "reason": None,
         "socket_id": SocketIds(key=b"k" * 16)(0xFFFF888812345678, mono - 2500),
     }
 
