@@ -194,6 +194,8 @@ ALLOWED_LABELS = {
     m.STATE_DURATION: {"family", "old_state", "new_state", "port", "le"},
     m.CONNECTION_DURATION: {"family", "side", "port", "le"},
     m.SOCKETS: {"family", "state", "port"},
+    m.SOCKET_STATE_AGE: {*m.SOCKET_STATE_AGE_LABELS, "port", "le"},
+    m.SOCKET_STATE_AGE_UNKNOWN: {*m.SOCKET_STATE_AGE_LABELS, "port"},
     m.STATE_INFO: set(m.STATE_INFO_LABELS),
     m.BUILD_INFO: set(m.BUILD_INFO_LABELS),
     m.SCRAPE_SUCCESS: {"collector"},
@@ -202,7 +204,7 @@ ALLOWED_LABELS = {
 
 
 def family_of(sample: str) -> str:
-    for suffix in ("_bucket", "_count", "_sum"):
+    for suffix in ("_bucket", "_count", "_sum", "_gcount", "_gsum"):
         if sample.endswith(suffix) and sample[: -len(suffix)] in ALLOWED_LABELS:
             return sample[: -len(suffix)]
     return sample
