@@ -23,6 +23,7 @@
  *   CLOSE_REASONS    classify transitions into CLOSE (raw tracepoint only):
  *                    NREASONS, NERRNO_SLOTS, REASON_OTHER and the offsets
  *                    SK_CLOSE, SK_CLOSE_LEN, SK_ERR, SK_OWNED come with it
+ *                    (and SK_CLOSE_SPLIT where the two lie too far apart)
  */
 #include <uapi/linux/in.h>
 #include <linux/socket.h>
@@ -233,12 +234,19 @@ static __always_inline u32 reason_of(u32 evidence);
 static __always_inline u32 close_evidence(struct bpf_raw_tracepoint_args *ctx,
                                           const struct state_change *c)
 {
-    u8 span[SK_CLOSE_LEN];
     int err = 0, owned = 0;
+#ifdef SK_CLOSE_SPLIT
+    /* too far apart for one copy (older layouts of struct sock, e.g.
+     * Debian 12's 6.1): two reads */
+    SK_READ(&err, (const void *)ctx->args[0], SK_ERR, sizeof(err));
+    SK_READ(&owned, (const void *)ctx->args[0], SK_OWNED, sizeof(owned));
+#else
+    u8 span[SK_CLOSE_LEN];
     if (SK_READ(span, (const void *)ctx->args[0], SK_CLOSE, SK_CLOSE_LEN) == 0) {
         __builtin_memcpy(&err, span + (SK_ERR - SK_CLOSE), sizeof(err));
         __builtin_memcpy(&owned, span + (SK_OWNED - SK_CLOSE), sizeof(owned));
     }
+#endif
     u32 slot = err >= 0 && err < NERRNO_SLOTS - 1 ? (u32)err : NERRNO_SLOTS - 1;
     return ((c->old * NERRNO_SLOTS + slot) * 2 + (owned != 0)) * 2 + (c->sport == 0);
 }

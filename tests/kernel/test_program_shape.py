@@ -13,11 +13,12 @@ from tracer.program import (DEFAULT_SOCKET_TABLE_SIZE, RAW_TRACEPOINT, TRACEPOIN
 from .bpf_cfg import refused_back_edges
 
 
-def compiled(command: str, kind: str, port_slots: int, release: str) -> bytes:
+def compiled(command: str, kind: str, port_slots: int, release: str,
+             extra: tuple[str, ...] = ()) -> bytes:
     from bcc import BPF
 
     flags = cflags(choose_attachment(kind), port_slots, table_rows(DEFAULT_SOCKET_TABLE_SIZE),
-                   2, release=release)
+                   2, release=release) + list(extra)
     if command == "trace":
         flags.append("-DRINGBUF_PAGES=64")
     bpf = BPF(src_file=str(bpf_source(command)).encode(), cflags=flags)
@@ -34,6 +35,16 @@ def test_no_loop_entered_in_its_middle(command, port_slots, kind, release):
     """Linux 6.1 refused serve's program ("back-edge from insn 502 to 503"):
     clang had made a compare-and-swap loop that it entered in the middle."""
     assert refused_back_edges(compiled(command, kind, port_slots, release)) == []
+
+
+@pytest.mark.parametrize("command", ["serve", "trace"])
+def test_close_reasons_read_in_two_where_the_fields_lie_apart(command):
+    """Debian 12's 6.1 puts sk_lock far before sk_err (SK_CLOSE_SPLIT): the
+    program that reads them one by one compiles, without loops."""
+    attachment = choose_attachment(RAW_TRACEPOINT)
+    assert attachment.close_reasons
+    program = compiled(command, RAW_TRACEPOINT, 1, "6.1.0-57-amd64", ("-DSK_CLOSE_SPLIT=1",))
+    assert refused_back_edges(program) == []
 
 
 def test_the_check_finds_a_loop_entered_in_its_middle():
