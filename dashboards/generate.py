@@ -188,16 +188,17 @@ def stuck_sockets_graph() -> timeseries.Panel:
     ages' gauge histogram, all known ages less those up to the bound."""
     older = (f"sum by (state) ({selector(m.SOCKET_STATE_AGE + '_gcount', **NODE_PORT)}) - "
              f"sum by (state) ({selector(m.SOCKET_STATE_AGE + '_bucket', **NODE_PORT, le=r.STUCK_LE)})")
-    unknown = f"sum by (state) ({selector(m.SOCKET_STATE_AGE_UNKNOWN, **NODE_PORT)}) > 0"
+    # one line, always there (0 when every age is known), not one a state
+    unknown = f"sum({selector(m.SOCKET_STATE_AGE_UNKNOWN, **NODE_PORT)})"
     return graph(
         f"Sockets in their state for over {m.CLOSE_WAIT_STUCK_SECONDS:.0f} s",
         f"Sockets that have been in their state longer than {r.STUCK_LE} s (the age "
         "bucket bound nearest 10 minutes), by state: CLOSE-WAIT here is a program that "
         "does not close finished connections (alert TcpstateCloseWaitStuck; `tcpstate "
-        "sockets --state close_wait --older-than 9m` names them). \"(age unknown)\": sockets whose "
-        "entry into their state tcpstate did not see (older than the exporter), of "
-        "unknown age.",
-        [query(older, "{{state}}"), query(unknown, "{{state}} (age unknown)", ref="B")],
+        "sockets --state close_wait --older-than 9m` names them). \"age unknown\": sockets, in "
+        "any state, whose entry into their state tcpstate did not see (older than the "
+        "exporter, or evicted from its table).",
+        [query(older, "{{state}}"), query(unknown, "age unknown", ref="B")],
         unit="short")
 
 
