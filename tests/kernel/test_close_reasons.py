@@ -129,6 +129,16 @@ def test_unreachable(exporter, routed, family):
     counts_exactly(exporter, family, port, before, Counter({("syn_sent", "unreachable"): 2}))
 
 
+def reset_by(closer: socket.socket, other: socket.socket) -> None:
+    """`closer` closes with SO_LINGER 0 (a RST); `other` receives it."""
+    closer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_ZERO)
+    closer.close()
+    other.settimeout(5)
+    with pytest.raises(ConnectionResetError):
+        other.recv(1)
+    other.close()
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_resets(exporter, routed, family):
     """SO_LINGER 0 on each side in turn: the side that closes resets
@@ -141,12 +151,7 @@ def test_resets(exporter, routed, family):
         client = routed.connect(af, port)
         server, _ = listener.accept()
         closer, other = (server, client) if resetting == "server" else (client, server)
-        closer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_ZERO)
-        closer.close()
-        other.settimeout(5)
-        with pytest.raises(ConnectionResetError):
-            other.recv(1)
-        other.close()
+        reset_by(closer, other)
     listener.close()
     counts_exactly(exporter, family, port, before, Counter(
         {("established", "reset_local"): 2, ("established", "reset_by_peer"): 2,
@@ -198,12 +203,7 @@ def test_a_reset_received_in_fin_wait2_is_told_from_the_hand_off(exporter, route
     assert server.recv(1) == b""
     # the server acknowledges the FIN after its delayed-ACK timer
     assert wait_for(lambda: routed.ss_states("client", port)["fin_wait2"] == 1)
-    server.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_ZERO)
-    server.close()
-    client.settimeout(5)
-    with pytest.raises(ConnectionResetError):
-        client.recv(1)
-    client.close()
+    reset_by(server, client)
     listener.close()
     counts_exactly(exporter, family, port, before, Counter(
         {("fin_wait2", "reset_by_peer"): 1, ("close_wait", "reset_local"): 1,

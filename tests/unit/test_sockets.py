@@ -11,6 +11,8 @@ from tracer.sockets import (ProcSockets, address_text, format_duration, listed_o
                             parse_duration)
 from tracer.states import code_of
 
+from .test_socket_table import reference_hash
+
 
 @pytest.mark.parametrize("text, seconds", [
     ("90s", 90), ("10m", 600), ("1h", 3600), ("1h30m", 5400), ("500ms", 0.5), ("1.5s", 1.5),
@@ -66,12 +68,6 @@ def test_proc_lines_become_columns_and_hashes():
     assert proc() is None
 
 
-def reference_hash(sport: int, dport: int, words: list[int]) -> int:
-    value = (sport << 16) | dport
-    for word in words:
-        value = ((value ^ word) * 0x9E3779B1) & 0xFFFFFFFF
-        value ^= value >> 16
-    return value
 
 
 def entries(*rows):
