@@ -23,7 +23,7 @@ from tracer.states import name_of
 from .conftest import SERVICE_PORTS
 from .exporter import Scrape
 from .netlab import RoutedLab, wait_for
-from .test_serve import delta
+from .test_serve import delta, pairs_of
 from .test_trace import Trace
 
 FAMILIES = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
@@ -34,13 +34,7 @@ LINGER_ZERO = struct.pack("ii", 1, 0)
 
 
 def closes_of(scrape: Scrape, family: str, port: int) -> Counter:
-    counts: Counter = Counter()
-    for (name, labels), value in scrape.items():
-        labels = dict(labels)
-        if (name == m.CLOSES and labels["family"] == family
-                and labels["port"] == str(port) and value):
-            counts[(labels["old_state"], labels["reason"])] += int(value)
-    return counts
+    return pairs_of(scrape, m.CLOSES, family, port, ("old_state", "reason"))
 
 
 @pytest.fixture

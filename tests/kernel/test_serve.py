@@ -22,14 +22,21 @@ CONNECTIONS = 200
 _ports = itertools.cycle(SERVICE_PORTS)
 
 
-def transitions_of(scrape: Scrape, family: str, port: int) -> Counter:
+def pairs_of(scrape: Scrape, metric: str, family: str, port: int,
+             keys: tuple[str, str]) -> Counter:
+    """A counter family's non-zero values of one family and port, by the
+    values of two of its labels."""
     counts: Counter = Counter()
     for (name, labels), value in scrape.items():
         labels = dict(labels)
-        if (name == m.TRANSITIONS and labels["family"] == family
+        if (name == metric and labels["family"] == family
                 and labels["port"] == str(port) and value):
-            counts[(labels["old_state"], labels["new_state"])] += int(value)
+            counts[tuple(labels[key] for key in keys)] += int(value)
     return counts
+
+
+def transitions_of(scrape: Scrape, family: str, port: int) -> Counter:
+    return pairs_of(scrape, m.TRANSITIONS, family, port, ("old_state", "new_state"))
 
 
 def delta(after: Counter, before: Counter) -> Counter:
